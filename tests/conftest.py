@@ -42,3 +42,33 @@ def netns() -> Iterator[NetnsSet]:
         yield s
     finally:
         s.cleanup()
+
+
+# Budgets per tier (seconds, CI on 2 cores); printed at the end of every run with --durations.
+TIER_BUDGETS = {"unit": 180.0, "sim": 120.0, "kernel": 720.0}
+_tier_seconds: dict[str, float] = {}
+
+
+def _tier(item: pytest.Item) -> str:
+    if "kernel" in item.keywords:
+        return "kernel"
+    if "sim" in item.keywords:
+        return "sim"
+    return "unit"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    tier = _tier(item)
+    _tier_seconds[tier] = _tier_seconds.get(tier, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    tr = terminalreporter
+    tr.section("tier budgets")
+    for tier, budget in TIER_BUDGETS.items():
+        spent = _tier_seconds.get(tier, 0.0)
+        flag = "OVER BUDGET" if spent > budget else "ok"
+        tr.write_line(f"{tier:7} {spent:8.1f} s of {budget:6.0f} s  {flag}")
