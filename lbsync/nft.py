@@ -9,8 +9,9 @@ Rules this module keeps:
 - ``apply_ruleset`` replaces every chain and named map of ``table inet lbsync`` in ONE ``nft -f``
   transaction and never touches the elements of ``@owned``: ownership is the daemon's. It flushes
   the chains that exist in the kernel, deletes those the new text no longer declares (or declares
-  with another hook or priority), and loads the text, which redeclares ``set owned`` without
-  elements (a no-op on an existing set).
+  with another hook or priority), flushes or deletes named maps, and loads the text, which
+  redeclares ``set owned`` without elements (a no-op on an existing set). Named sets are runtime
+  state (``@owned``, a fencing set): never flushed or deleted by an apply.
 - ``owned_transaction`` changes ``@owned`` in ONE transaction that tolerates buckets already
   present (``add element`` of an existing element is accepted) and buckets already absent (nft
   1.0.6 has no ``destroy element``, and deleting a missing element fails the whole transaction, so
@@ -234,12 +235,13 @@ def apply_text(text: str, kernel_chains: Sequence[ChainSpec],
         if w is None or (w.type, w.hook, w.priority) != (c.type, c.hook, c.priority):
             out.append(f"delete chain {t} {c.name}")
     for kind, name in kernel_sets:
-        if name == OWNED_SET:
+        # A named map is part of the ruleset: flushed (the text redeclares its elements) or,
+        # when the text no longer declares it, deleted. A named set holds runtime state
+        # (@owned, a fencing set): never flushed, never deleted here.
+        if kind != "map":
             continue
-        # A named map's elements are part of the ruleset: replace them (flush, then the text
-        # redeclares them); one the text no longer declares (as the same kind) goes.
         verb = "flush" if (kind, name) in new_sets else "delete"
-        out.append(f"{verb} {kind} {t} {name}")
+        out.append(f"{verb} map {t} {name}")
     return "\n".join(out) + "\n" + text
 
 
