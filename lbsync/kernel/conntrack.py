@@ -1,0 +1,543 @@
+"""The conntrack socket adapter: one event socket, one request socket, nothing else.
+
+- **Events**: a ``NETLINK_NETFILTER`` socket subscribed to the conntrack groups, read from
+  ``loop.add_reader`` (so it runs under uvloop, which refuses AF_NETLINK transports), with a
+  large receive buffer (``SO_RCVBUFFORCE``). Each readable callback drains up to
+  ``read_budget`` messages, decodes them (:func:`lbsync.kernel.ctnetlink.decode`), applies the
+  caller's filter and hands one list to ``on_events``.
+- **Echo suppression in the kernel**: a BPF filter on the event socket drops every message
+  whose netlink port id is the request socket's, i.e. the events of our own creates, updates and
+  deletes (see :mod:`lbsync.kernel.bpf`).
+- **ENOBUFS** on the event socket means events were lost. It is counted and triggers a re-dump:
+  while it runs, new events are held (bounded); then ``on_resync`` receives the complete table
+  (kernel-filtered by mark when configured) and the held events are delivered after it, so the
+  consumer ends with exactly the kernel's table. A further ENOBUFS during the re-dump (or held
+  events past the bound) schedules another re-dump.
+- **Requests**: dumps and batched writes on a separate socket. The kernel processes a write in
+  the ``sendmsg`` call; failures come back as ``NLMSG_ERROR`` with the failing seq, which is
+  mapped back to the entry's index. Bulk work runs in slices of ``slice_entries`` that yield to
+  the loop so heartbeats keep flowing.
+
+No protocol decisions here: what to inject, and when, is the daemon's business.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Container, Sequence
+from dataclasses import dataclass, field
+
+from lbsync.config import KernelConfig
+from lbsync.kernel import bpf
+from lbsync.kernel.ctnetlink import (
+    KIND_DESTROY,
+    KIND_NEW,
+    KIND_UPDATE,
+    NFNLGRP_CONNTRACK_DESTROY,
+    NFNLGRP_CONNTRACK_EXP_DESTROY,
+    NFNLGRP_CONNTRACK_EXP_NEW,
+    NFNLGRP_CONNTRACK_NEW,
+    NFNLGRP_CONNTRACK_UPDATE,
+    CodecError,
+    CtEvent,
+    Decoded,
+    ExpectRecord,
+    ExpEvent,
+    decode,
+    encode_create,
+    encode_delete,
+    encode_dump_request,
+    encode_exp_create,
+    encode_exp_dump_request,
+    encode_update,
+)
+from lbsync.kernel.flowrecord import RecordError
+
+log = logging.getLogger(__name__)
+
+NETLINK_NETFILTER = 12
+SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP = 1
+NETLINK_CAP_ACK = 10
+SO_RCVBUFFORCE = 33
+SO_SNDBUFFORCE = 32
+
+DEFAULT_GROUPS = (NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_UPDATE, NFNLGRP_CONNTRACK_DESTROY)
+EXPECT_GROUPS = (NFNLGRP_CONNTRACK_EXP_NEW, NFNLGRP_CONNTRACK_EXP_DESTROY)
+RECV_SIZE = 1 << 17
+
+
+class KernelError(OSError):
+    """The kernel refused a request as a whole (e.g. a dump answered with an error)."""
+
+
+def open_netfilter_socket(*, rcvbuf: int, sndbuf: int = 0, groups: Sequence[int] = (),
+                          nonblocking: bool = False) -> socket.socket:
+    """A NETLINK_NETFILTER socket, bound, with forced buffer sizes and the given groups."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
+        if sndbuf:
+            sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, sndbuf)
+        # errors carry only the failing header, not a copy of our whole request
+        sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+        sock.bind((0, 0))
+        for g in groups:
+            sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, g)
+        sock.setblocking(not nonblocking)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+# -- statistics --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EventStatistics:
+    """Snapshot of the event reader's counters."""
+
+    recv_calls: int
+    messages: int
+    new: int
+    update: int
+    destroy: int
+    expectations: int
+    delivered: int
+    filtered: int
+    echoes: int
+    enobufs: int
+    decode_errors: int
+    resyncs: int
+    held_overflows: int
+
+
+@dataclass(frozen=True, slots=True)
+class RequestStatistics:
+    """Snapshot of the request socket's counters; ``errors`` maps errno name -> count."""
+
+    dumps: int
+    dumped_entries: int
+    dump_interrupted: int
+    batches: int
+    created: int
+    deleted: int
+    updated: int
+    write_errors: int
+    encode_errors: int
+    decode_errors: int
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    """Outcome of a batched write: ``failed`` holds (index into the input, errno)."""
+
+    attempted: int
+    succeeded: int
+    failed: tuple[tuple[int, int], ...]
+
+    def errno_counts(self) -> dict[str, int]:
+        return dict(Counter(errno.errorcode.get(e, str(e)) for _, e in self.failed))
+
+
+# -- request socket ----------------------------------------------------------------------------
+
+
+class ConntrackRequests:
+    """The request socket: dumps and batched creates/updates/deletes, in slices."""
+
+    def __init__(self, *, config: KernelConfig | None = None, rcvbuf: int = 8 << 20) -> None:
+        self._cfg = config or KernelConfig()
+        self._sock = open_netfilter_socket(rcvbuf=rcvbuf, sndbuf=4 << 20)
+        self._sock.settimeout(10.0)
+        self._seq = 1
+        self._lock = asyncio.Lock()
+        self._n = Counter[str]()
+        self._errors = Counter[str]()
+
+    @property
+    def portid(self) -> int:
+        pid: int = self._sock.getsockname()[0]
+        return pid
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def _next_seq(self, n: int) -> int:
+        s = self._seq
+        self._seq = (self._seq + n) & 0x7FFFFFFF or 1
+        if self._seq < s:  # wrapped: restart so a batch's seqs stay contiguous
+            s, self._seq = 1, n + 1
+        return s
+
+    def statistics(self) -> RequestStatistics:
+        n = self._n
+        return RequestStatistics(
+            dumps=n["dumps"], dumped_entries=n["dumped_entries"],
+            dump_interrupted=n["dump_interrupted"], batches=n["batches"], created=n["created"],
+            deleted=n["deleted"], updated=n["updated"], write_errors=n["write_errors"],
+            encode_errors=n["encode_errors"], decode_errors=n["decode_errors"],
+            errors=dict(self._errors))
+
+    # dumps ------------------------------------------------------------------------------------
+
+    async def dump(self, *, family: int = 0, mark: int | None = None,
+                   mark_mask: int = 0xFFFFFFFF) -> AsyncIterator[list[CtEvent]]:
+        """Dump the table (kernel-filtered by ``ct mark & mark_mask == mark`` if given) in
+        slices of about ``slice_entries``, yielding to the loop between slices."""
+        async with self._lock:
+            seq = self._next_seq(1)
+            self._sock.send(encode_dump_request(seq, family=family, mark=mark,
+                                                mark_mask=mark_mask))
+            self._n["dumps"] += 1
+            out = Decoded([], [], [])
+            while True:
+                done = self._recv_dump(out)
+                if len(out.events) >= self._cfg.slice_entries or done:
+                    batch, out.events = out.events, []
+                    self._n["dumped_entries"] += len(batch)
+                    if batch:
+                        yield batch
+                    if done:
+                        return
+                    await asyncio.sleep(0)
+
+    def _recv_dump(self, out: Decoded) -> bool:
+        data = self._sock.recv(RECV_SIZE)
+        try:
+            decode(data, out, dump=True)
+        except CodecError:
+            self._n["decode_errors"] += 1
+            log.warning("ctnetlink.dump_decode_error bytes=%d", len(data))
+        if data[6] & 0x10 if len(data) > 6 else False:  # NLM_F_DUMP_INTR on the first message
+            self._n["dump_interrupted"] += 1
+        for ack in out.acks:
+            if ack.error:
+                out.acks.clear()
+                raise KernelError(ack.error, f"dump refused: {errno.errorcode.get(ack.error)}")
+        return out.done
+
+    async def dump_all(self, *, family: int = 0, mark: int | None = None,
+                       mark_mask: int = 0xFFFFFFFF) -> list[CtEvent]:
+        entries: list[CtEvent] = []
+        async for batch in self.dump(family=family, mark=mark, mark_mask=mark_mask):
+            entries.extend(batch)
+        return entries
+
+    async def dump_expectations(self, *, family: int = 0) -> list[ExpectRecord]:
+        async with self._lock:
+            seq = self._next_seq(1)
+            self._sock.send(encode_exp_dump_request(seq, family=family))
+            out = Decoded([], [], [])
+            while not self._recv_dump(out):
+                pass
+            return [e.expect for e in out.expectations]
+
+    # writes -----------------------------------------------------------------------------------
+
+    async def inject(self, records: Sequence[bytes], *, default_timeout: int = 120) -> WriteResult:
+        """Create one entry per packed record (EEXIST if present: never overwritten)."""
+        def enc(i: int, seq: int, ack: bool) -> bytes:
+            return encode_create(records[i], seq, ack=ack, default_timeout=default_timeout)
+        return await self._write(len(records), enc, "created")
+
+    async def delete(self, keys: Sequence[bytes]) -> WriteResult:
+        """Delete the entries named by ``keys`` (ENOENT for absent ones)."""
+        def enc(i: int, seq: int, ack: bool) -> bytes:
+            return encode_delete(keys[i], seq, ack=ack)
+        return await self._write(len(keys), enc, "deleted")
+
+    async def update(self, keys: Sequence[bytes], *, timeout: int | None = None,
+                     mark: int | None = None, tcp_state: int | None = None) -> WriteResult:
+        """Change timeout, mark and/or TCP state of existing entries (ENOENT if absent)."""
+        def enc(i: int, seq: int, ack: bool) -> bytes:
+            return encode_update(keys[i], seq, timeout=timeout, mark=mark,
+                                 tcp_state=tcp_state, ack=ack)
+        return await self._write(len(keys), enc, "updated")
+
+    async def create_expectations(self, exps: Sequence[ExpectRecord]) -> WriteResult:
+        def enc(i: int, seq: int, ack: bool) -> bytes:
+            return encode_exp_create(exps[i], seq, ack=ack)
+        return await self._write(len(exps), enc, "expectations_created")
+
+    async def _write(self, n: int, enc: Callable[[int, int, bool], bytes],
+                     counter: str) -> WriteResult:
+        failed: list[tuple[int, int]] = []
+        batch = self._cfg.batch_entries
+        per_slice = max(self._cfg.slice_entries, batch)
+        since_yield = 0
+        async with self._lock:
+            start = 0
+            while start < n:
+                stop = min(n, start + batch)
+                seq0 = self._next_seq(stop - start)
+                parts: list[bytes] = []
+                index_of: dict[int, int] = {}
+                last_seq = -1
+                for i in range(start, stop):
+                    seq = seq0 + (i - start)
+                    try:
+                        parts.append(enc(i, seq, i == stop - 1))
+                        index_of[seq] = i
+                        last_seq = seq
+                    except (RecordError, ValueError, OverflowError):
+                        self._n["encode_errors"] += 1
+                        failed.append((i, errno.EINVAL))
+                        self._errors["encode"] += 1
+                if parts:
+                    if last_seq != seq0 + (stop - 1 - start):
+                        # the entry meant to carry the ACK failed to encode: ask on the last sent
+                        parts[-1] = enc(index_of[last_seq], last_seq, True)
+                    self._send_batch(b"".join(parts), last_seq, index_of, failed)
+                    self._n["batches"] += 1
+                since_yield += stop - start
+                start = stop
+                if since_yield >= per_slice and start < n:
+                    since_yield = 0
+                    await asyncio.sleep(0)
+        ok = n - len(failed)
+        self._n[counter] += ok
+        self._n["write_errors"] += len(failed)
+        failed.sort()
+        return WriteResult(n, ok, tuple(failed))
+
+    def _send_batch(self, data: bytes, last_seq: int, index_of: dict[int, int],
+                    failed: list[tuple[int, int]]) -> None:
+        self._sock.send(data)
+        # The kernel handled every message inside send(); read answers until the last one's.
+        while True:
+            buf = self._sock.recv(RECV_SIZE)
+            try:
+                out = decode(buf)
+            except CodecError:
+                self._n["decode_errors"] += 1
+                continue
+            finished = False
+            for ack in out.acks:
+                if ack.error:
+                    i = index_of.get(ack.seq)
+                    if i is not None:
+                        failed.append((i, ack.error))
+                        self._errors[errno.errorcode.get(ack.error, str(ack.error))] += 1
+                if ack.seq == last_seq:
+                    finished = True
+            if finished:
+                return
+
+
+# -- event socket ------------------------------------------------------------------------------
+
+
+class ConntrackEvents:
+    """The event socket, read from the loop; see the module docstring."""
+
+    def __init__(self, *, on_events: Callable[[list[CtEvent]], None],
+                 on_overrun: Callable[[], None] | None = None,
+                 on_expectations: Callable[[list[ExpEvent]], None] | None = None,
+                 config: KernelConfig | None = None,
+                 groups: Sequence[int] = DEFAULT_GROUPS,
+                 marks: Container[int] | None = None, mark_mask: int = 0xFFFFFFFF,
+                 accept: Callable[[CtEvent], bool] | None = None,
+                 drop_portids: Sequence[int] = (), own_portids: Sequence[int] = (),
+                 read_budget: int = 4096) -> None:
+        cfg = config or KernelConfig()
+        self._on_events = on_events
+        self._on_overrun = on_overrun
+        self._on_exp = on_expectations
+        self._marks = marks
+        self._mask = mark_mask
+        self._accept = accept
+        self._budget = read_budget
+        self._own = frozenset(own_portids) | frozenset(drop_portids)
+        self._sock = open_netfilter_socket(rcvbuf=cfg.event_buffer, groups=groups,
+                                           nonblocking=True)
+        if drop_portids:
+            bpf.attach_drop_portids(self._sock, drop_portids)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.recv_calls = self.messages = self.delivered = self.filtered = 0
+        self.echoes = self.enobufs = self.decode_errors = self.expectations = 0
+        self._kinds = [0, 0, 0, 0, 0]
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self._loop = loop or asyncio.get_running_loop()
+        self._loop.add_reader(self._sock.fileno(), self.read_ready)
+
+    def close(self) -> None:
+        if self._loop is not None and not self._sock._closed:  # type: ignore[attr-defined]
+            self._loop.remove_reader(self._sock.fileno())
+        self._sock.close()
+
+    def statistics(self, *, resyncs: int = 0, held_overflows: int = 0) -> EventStatistics:
+        k = self._kinds
+        return EventStatistics(
+            recv_calls=self.recv_calls, messages=self.messages, new=k[KIND_NEW],
+            update=k[KIND_UPDATE], destroy=k[KIND_DESTROY], expectations=self.expectations,
+            delivered=self.delivered, filtered=self.filtered, echoes=self.echoes,
+            enobufs=self.enobufs, decode_errors=self.decode_errors, resyncs=resyncs,
+            held_overflows=held_overflows)
+
+    def read_ready(self) -> None:
+        """Drain up to ``read_budget`` receives; called by the loop when readable."""
+        recv = self._sock.recv
+        out = Decoded([], [], [])
+        calls = 0
+        overrun = False
+        try:
+            while calls < self._budget:
+                try:
+                    data = recv(RECV_SIZE)
+                except BlockingIOError:
+                    break
+                except OSError as e:
+                    if e.errno == errno.ENOBUFS:
+                        self.enobufs += 1
+                        overrun = True
+                        continue
+                    raise
+                calls += 1
+                try:
+                    decode(data, out)
+                except CodecError:
+                    self.decode_errors += 1
+                    log.warning("ctnetlink.event_decode_error bytes=%d", len(data))
+        finally:
+            self.recv_calls += calls
+        events = out.events
+        self.messages += len(events) + len(out.expectations)
+        kinds = self._kinds
+        own = self._own
+        marks, mask, accept = self._marks, self._mask, self._accept
+        keep: list[CtEvent] = []
+        for ev in events:
+            kinds[ev.kind] += 1
+            if own and ev.portid in own:
+                self.echoes += 1
+                continue
+            if marks is not None and (ev.bucket & mask) not in marks:
+                continue
+            if accept is not None and not accept(ev):
+                continue
+            keep.append(ev)
+        self.filtered += len(events) - len(keep)
+        self.delivered += len(keep)
+        if out.expectations:
+            self.expectations += len(out.expectations)
+            if self._on_exp is not None:
+                self._on_exp(out.expectations)
+        if overrun and self._on_overrun is not None:
+            self._on_overrun()
+        if keep:
+            self._on_events(keep)
+
+
+# -- the two together --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ConntrackStatistics:
+    """Event reader and request socket snapshots together."""
+
+    events: EventStatistics
+    requests: RequestStatistics
+
+
+class Conntrack:
+    """Event socket + request socket, with echo suppression and ENOBUFS -> re-dump.
+
+    ``on_events`` gets filtered events; ``on_resync`` gets the complete (mark-filtered) table
+    after an overrun, before any event that arrived during the re-dump.
+    """
+
+    def __init__(self, *, on_events: Callable[[list[CtEvent]], None],
+                 on_resync: Callable[[list[CtEvent]], None] | None = None,
+                 on_expectations: Callable[[list[ExpEvent]], None] | None = None,
+                 config: KernelConfig | None = None, groups: Sequence[int] = DEFAULT_GROUPS,
+                 mark: int | None = None, mark_mask: int = 0xFFFFFFFF,
+                 marks: Container[int] | None = None,
+                 accept: Callable[[CtEvent], bool] | None = None,
+                 suppress_echoes: bool = True, max_held: int = 1 << 20) -> None:
+        self._cfg = config or KernelConfig()
+        self.requests = ConntrackRequests(config=self._cfg)
+        pid = self.requests.portid
+        self._user_on_events = on_events
+        self._on_resync = on_resync
+        self._dump_mark = mark
+        self._dump_mask = mark_mask
+        self._held: list[CtEvent] | None = None
+        self._max_held = max_held
+        self._again = False
+        self._task: asyncio.Task[None] | None = None
+        self.resyncs = 0
+        self.held_overflows = 0
+        self.events = ConntrackEvents(
+            on_events=self._deliver, on_overrun=self._overrun, on_expectations=on_expectations,
+            config=self._cfg, groups=groups, marks=marks, mark_mask=mark_mask, accept=accept,
+            drop_portids=(pid,) if suppress_echoes else (), own_portids=(pid,))
+
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.events.start(loop)
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self.events.close()
+        self.requests.close()
+
+    def statistics(self) -> ConntrackStatistics:
+        return ConntrackStatistics(
+            self.events.statistics(resyncs=self.resyncs, held_overflows=self.held_overflows),
+            self.requests.statistics())
+
+    @property
+    def resyncing(self) -> bool:
+        return self._held is not None
+
+    async def wait_resynced(self) -> None:
+        while self._task is not None and not self._task.done():
+            await asyncio.shield(self._task)
+
+    def _deliver(self, events: list[CtEvent]) -> None:
+        held = self._held
+        if held is None:
+            self._user_on_events(events)
+            return
+        if len(held) + len(events) > self._max_held:
+            # the re-dump in progress will be followed by another: what is held is moot
+            self.held_overflows += 1
+            held.clear()
+            self._again = True
+            return
+        held.extend(events)
+
+    def _overrun(self) -> None:
+        log.warning("ctnetlink.enobufs count=%d", self.events.enobufs)
+        if self._held is not None:
+            self._again = True
+            return
+        self._held = []
+        self._task = asyncio.get_running_loop().create_task(self._resync())
+
+    async def _resync(self) -> None:
+        while True:
+            self._again = False
+            self.resyncs += 1
+            table = await self.requests.dump_all(mark=self._dump_mark,
+                                                 mark_mask=self._dump_mask)
+            if self._again:
+                self._held = []
+                continue
+            held, self._held = self._held or [], None
+            if self._on_resync is not None:
+                self._on_resync(table)
+            if held:
+                self._user_on_events(held)
+            return

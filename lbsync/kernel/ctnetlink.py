@@ -1,0 +1,888 @@
+"""Pure ctnetlink codec (``struct`` only): conntrack and expectation messages <-> lbsync forms.
+
+No sockets here. The decoder turns the bytes of one ``recv`` (events or dump replies) into
+:class:`CtEvent` tuples: the hot-path representation, carrying the packed
+:class:`~lbsync.kernel.flowrecord.FlowRecord` bytes plus the few fields routing needs (key,
+bucket = ct mark, kind, l4proto, TCP state, status). No rich objects are built per event; callers
+that need them call ``FlowRecord.unpack(ev.record)``.
+
+Rules:
+- Unknown attributes are skipped (the kernel adds new ones: 6.18 puts a timestamp, type 27, on
+  every event). Attribute types are masked with ``NLA_TYPE_MASK`` (nested/byte-order flags off).
+- Anything malformed raises :class:`CodecError` and nothing else: truncated headers, lengths
+  past the end, wrong payload sizes, missing tuples, addresses not matching the family.
+- Encoders take the packed record (bytes) because that is what the daemon holds; they build a
+  create from the *un-NATed* reply tuple plus ``CTA_NAT_SRC``/``CTA_NAT_DST`` ranges with
+  min == max (sending the NATed reply tuple looks right in ``conntrack -L`` but packets are not
+  translated), and always set ``IPS_CONFIRMED`` (without it the kernel answers EBUSY).
+- A batch is several netlink messages in one ``sendmsg``. ctnetlink has no nfnetlink
+  transaction support, so each message is processed (and may fail) on its own; without
+  ``NLM_F_ACK`` only failures are answered, each ``NLMSG_ERROR`` carrying the failing ``seq``.
+  The last message of a batch asks for an ACK so the reader knows the batch is complete.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import msgpack
+
+from lbsync.kernel.flowrecord import (
+    AF_INET,
+    AF_INET6,
+    ICMP_PROTOS,
+    IPPROTO_DCCP,
+    IPPROTO_ICMP,
+    IPPROTO_SCTP,
+    IPPROTO_TCP,
+    IPS_ASSURED,
+    IPS_CONFIRMED,
+    IPS_DST_NAT,
+    IPS_EXPECTED,
+    IPS_FIXED_TIMEOUT,
+    IPS_HELPER,
+    IPS_SEEN_REPLY,
+    IPS_SEQ_ADJUST,
+    IPS_SRC_NAT,
+    PORT_PROTOS,
+    RECORD_VERSION,
+    FlowTuple,
+    ProtoTuple,
+    RecordError,
+    parse_key,
+    unpack_fields,
+)
+
+# -- netlink / nfnetlink constants --------------------------------------------------------------
+NLMSG_NOOP = 1
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+NLMSG_OVERRUN = 4
+NLM_F_REQUEST = 0x1
+NLM_F_MULTI = 0x2
+NLM_F_ACK = 0x4
+NLM_F_ROOT = 0x100
+NLM_F_MATCH = 0x200
+NLM_F_DUMP = NLM_F_ROOT | NLM_F_MATCH
+NLM_F_EXCL = 0x200
+NLM_F_CREATE = 0x400
+NLA_F_NESTED = 0x8000
+NLA_TYPE_MASK = 0x3FFF
+
+NFNL_SUBSYS_CTNETLINK = 1
+NFNL_SUBSYS_CTNETLINK_EXP = 2
+IPCTNL_MSG_CT_NEW = 0
+IPCTNL_MSG_CT_GET = 1
+IPCTNL_MSG_CT_DELETE = 2
+IPCTNL_MSG_EXP_NEW = 0
+IPCTNL_MSG_EXP_GET = 1
+IPCTNL_MSG_EXP_DELETE = 2
+CT_NEW = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW
+CT_GET = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET
+CT_DELETE = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE
+EXP_NEW = (NFNL_SUBSYS_CTNETLINK_EXP << 8) | IPCTNL_MSG_EXP_NEW
+EXP_GET = (NFNL_SUBSYS_CTNETLINK_EXP << 8) | IPCTNL_MSG_EXP_GET
+EXP_DELETE = (NFNL_SUBSYS_CTNETLINK_EXP << 8) | IPCTNL_MSG_EXP_DELETE
+
+# multicast groups (enum nfnetlink_groups)
+NFNLGRP_CONNTRACK_NEW = 1
+NFNLGRP_CONNTRACK_UPDATE = 2
+NFNLGRP_CONNTRACK_DESTROY = 3
+NFNLGRP_CONNTRACK_EXP_NEW = 4
+NFNLGRP_CONNTRACK_EXP_UPDATE = 5
+NFNLGRP_CONNTRACK_EXP_DESTROY = 6
+
+# enum ctattr_type
+CTA_TUPLE_ORIG = 1
+CTA_TUPLE_REPLY = 2
+CTA_STATUS = 3
+CTA_PROTOINFO = 4
+CTA_HELP = 5
+CTA_NAT_SRC = 6
+CTA_TIMEOUT = 7
+CTA_MARK = 8
+CTA_COUNTERS_ORIG = 9
+CTA_COUNTERS_REPLY = 10
+CTA_USE = 11
+CTA_ID = 12
+CTA_NAT_DST = 13
+CTA_TUPLE_MASTER = 14
+CTA_SEQ_ADJ_ORIG = 15
+CTA_SEQ_ADJ_REPLY = 16
+CTA_SECMARK = 17
+CTA_ZONE = 18
+CTA_SECCTX = 19
+CTA_TIMESTAMP = 20
+CTA_MARK_MASK = 21
+CTA_LABELS = 22
+CTA_LABELS_MASK = 23
+CTA_SYNPROXY = 24
+CTA_FILTER = 25
+CTA_STATUS_MASK = 26
+CTA_TIMESTAMP_EVENT = 27
+
+CTA_TUPLE_IP = 1
+CTA_TUPLE_PROTO = 2
+CTA_TUPLE_ZONE = 3
+CTA_IP_V4_SRC = 1
+CTA_IP_V4_DST = 2
+CTA_IP_V6_SRC = 3
+CTA_IP_V6_DST = 4
+CTA_PROTO_NUM = 1
+CTA_PROTO_SRC_PORT = 2
+CTA_PROTO_DST_PORT = 3
+CTA_PROTO_ICMP_ID = 4
+CTA_PROTO_ICMP_TYPE = 5
+CTA_PROTO_ICMP_CODE = 6
+CTA_PROTO_ICMPV6_ID = 7
+CTA_PROTO_ICMPV6_TYPE = 8
+CTA_PROTO_ICMPV6_CODE = 9
+CTA_PROTOINFO_TCP = 1
+CTA_PROTOINFO_DCCP = 2
+CTA_PROTOINFO_SCTP = 3
+CTA_PROTOINFO_TCP_STATE = 1
+CTA_PROTOINFO_TCP_WSCALE_ORIGINAL = 2
+CTA_PROTOINFO_TCP_WSCALE_REPLY = 3
+CTA_PROTOINFO_TCP_FLAGS_ORIGINAL = 4
+CTA_PROTOINFO_TCP_FLAGS_REPLY = 5
+CTA_PROTOINFO_DCCP_STATE = 1
+CTA_PROTOINFO_DCCP_ROLE = 2
+CTA_PROTOINFO_DCCP_HANDSHAKE_SEQ = 3
+CTA_PROTOINFO_SCTP_STATE = 1
+CTA_PROTOINFO_SCTP_VTAG_ORIGINAL = 2
+CTA_PROTOINFO_SCTP_VTAG_REPLY = 3
+CTA_HELP_NAME = 1
+CTA_NAT_V4_MINIP = 1
+CTA_NAT_V4_MAXIP = 2
+CTA_NAT_PROTO = 3
+CTA_NAT_V6_MINIP = 4
+CTA_NAT_V6_MAXIP = 5
+CTA_PROTONAT_PORT_MIN = 1
+CTA_PROTONAT_PORT_MAX = 2
+CTA_SEQADJ_CORRECTION_POS = 1
+CTA_SEQADJ_OFFSET_BEFORE = 2
+CTA_SEQADJ_OFFSET_AFTER = 3
+
+# enum ctattr_expect
+CTA_EXPECT_MASTER = 1
+CTA_EXPECT_TUPLE = 2
+CTA_EXPECT_MASK = 3
+CTA_EXPECT_TIMEOUT = 4
+CTA_EXPECT_ID = 5
+CTA_EXPECT_HELP_NAME = 6
+CTA_EXPECT_ZONE = 7
+CTA_EXPECT_FLAGS = 8
+CTA_EXPECT_CLASS = 9
+CTA_EXPECT_NAT = 10
+CTA_EXPECT_FN = 11
+CTA_EXPECT_NAT_DIR = 1
+CTA_EXPECT_NAT_TUPLE = 2
+
+# -- lbsync event kinds ------------------------------------------------------------------------
+KIND_NEW = 1
+KIND_UPDATE = 2
+KIND_DESTROY = 3
+KIND_DUMP = 4
+KIND_NAMES = {KIND_NEW: "new", KIND_UPDATE: "update", KIND_DESTROY: "destroy",
+              KIND_DUMP: "dump"}
+
+# Status bits a create may carry. The kernel sets EXPECTED itself from CTA_TUPLE_MASTER and the
+# NAT bits from the NAT ranges; DYING/TEMPLATE/OFFLOAD/NAT_DONE are local to a kernel.
+CREATE_STATUS_MASK = (IPS_SEEN_REPLY | IPS_ASSURED | IPS_CONFIRMED | IPS_SRC_NAT | IPS_DST_NAT
+                      | IPS_SEQ_ADJUST | IPS_FIXED_TIMEOUT | IPS_HELPER)
+
+_NLMSG = struct.Struct("=IHHII")
+_NLMSG_NFGEN = struct.Struct("=IHHIIBBH")
+_NLA = struct.Struct("=HH")
+_U32BE = struct.Struct(">I")
+_U16BE = struct.Struct(">H")
+_U64BE = struct.Struct(">Q")
+_ERRNO = struct.Struct("=i")
+_KEY_HEAD = struct.Struct(">BBHHH")
+
+
+class CodecError(ValueError):
+    """A netlink message from the kernel (or a fuzzer) is malformed."""
+
+
+class CtEvent(NamedTuple):
+    """One conntrack message in hot-path form (an event, or one entry of a dump).
+
+    A NamedTuple rather than a frozen dataclass: it is built per event, and tuple construction
+    is ~5x cheaper than a frozen dataclass ``__init__`` (see docs/kernel.md).
+    ``tcp_state`` is -1 when absent (not TCP, or a DESTROY); ``portid`` is the netlink sender:
+    0 for packets, a socket's port id for entries that socket created (echoes).
+    """
+
+    kind: int
+    key: bytes
+    bucket: int
+    l4proto: int
+    tcp_state: int
+    status: int
+    record: bytes
+    portid: int
+
+
+@dataclass(frozen=True, slots=True)
+class NetlinkAck:
+    """An ``NLMSG_ERROR`` answer: ``error`` is 0 for an ACK, else a positive errno."""
+
+    seq: int
+    error: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExpectRecord:
+    """One expectation (e.g. the FTP helper's data connection), enough to recreate it."""
+
+    family: int
+    master: ProtoTuple
+    tuple: ProtoTuple
+    mask: ProtoTuple
+    timeout: int | None = None
+    helper: str | None = None
+    zone: int = 0
+    flags: int = 0
+    klass: int | None = None
+    nat_dir: int | None = None
+    nat_tuple: ProtoTuple | None = None
+    fn: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ExpEvent:
+    """An expectation message: EXP_NEW (kind new) or EXP_DELETE (kind destroy), or a dump."""
+
+    kind: int
+    expect: ExpectRecord
+    portid: int
+
+
+@dataclass(slots=True)
+class Decoded:
+    """What one receive buffer held, in arrival order per category."""
+
+    events: list[CtEvent]
+    expectations: list[ExpEvent]
+    acks: list[NetlinkAck]
+    done: bool = False
+    skipped: int = 0
+
+
+# -- decoding ---------------------------------------------------------------------------------
+
+
+def _tuple(buf: bytes, pos: int, end: int) -> tuple[int, bytes, bytes, int, int]:
+    """Parse a CTA_TUPLE_* payload into (l4proto, src, dst, sport, dport)."""
+    src = dst = b""
+    proto = -1
+    sport = dport = 0
+    itype = icode = -1
+    nla = _NLA.unpack_from
+    while pos < end:
+        alen, atype = nla(buf, pos)
+        nxt = pos + ((alen + 3) & ~3)
+        if alen < 4 or pos + alen > end:
+            raise CodecError("attribute length out of bounds")
+        atype &= NLA_TYPE_MASK
+        if atype == CTA_TUPLE_IP:
+            p, e = pos + 4, pos + alen
+            while p < e:
+                blen, btype = nla(buf, p)
+                if blen < 4 or p + blen > e:
+                    raise CodecError("attribute length out of bounds")
+                btype &= NLA_TYPE_MASK
+                if btype in (CTA_IP_V4_SRC, CTA_IP_V6_SRC):
+                    src = buf[p + 4:p + blen]
+                elif btype in (CTA_IP_V4_DST, CTA_IP_V6_DST):
+                    dst = buf[p + 4:p + blen]
+                p += (blen + 3) & ~3
+        elif atype == CTA_TUPLE_PROTO:
+            p, e = pos + 4, pos + alen
+            while p < e:
+                blen, btype = nla(buf, p)
+                if blen < 4 or p + blen > e:
+                    raise CodecError("attribute length out of bounds")
+                btype &= NLA_TYPE_MASK
+                if btype == CTA_PROTO_NUM:
+                    if blen != 5:
+                        raise CodecError("bad CTA_PROTO_NUM")
+                    proto = buf[p + 4]
+                elif btype in (CTA_PROTO_SRC_PORT, CTA_PROTO_ICMP_ID, CTA_PROTO_ICMPV6_ID):
+                    if blen != 6:
+                        raise CodecError("bad port attribute")
+                    sport = (buf[p + 4] << 8) | buf[p + 5]
+                elif btype == CTA_PROTO_DST_PORT:
+                    if blen != 6:
+                        raise CodecError("bad port attribute")
+                    dport = (buf[p + 4] << 8) | buf[p + 5]
+                elif btype in (CTA_PROTO_ICMP_TYPE, CTA_PROTO_ICMPV6_TYPE):
+                    if blen != 5:
+                        raise CodecError("bad icmp type")
+                    itype = buf[p + 4]
+                elif btype in (CTA_PROTO_ICMP_CODE, CTA_PROTO_ICMPV6_CODE):
+                    if blen != 5:
+                        raise CodecError("bad icmp code")
+                    icode = buf[p + 4]
+                p += (blen + 3) & ~3
+        pos = nxt
+    if proto < 0 or not src or len(src) != len(dst) or len(src) not in (4, 16):
+        raise CodecError("incomplete tuple")
+    if itype >= 0 or icode >= 0:
+        dport = (max(itype, 0) << 8) | max(icode, 0)
+    return proto, src, dst, sport, dport
+
+
+def _protoinfo(buf: bytes, pos: int, end: int) -> list[int] | None:
+    nla = _NLA.unpack_from
+    while pos < end:
+        alen, atype = nla(buf, pos)
+        if alen < 4 or pos + alen > end:
+            raise CodecError("attribute length out of bounds")
+        atype &= NLA_TYPE_MASK
+        p, e = pos + 4, pos + alen
+        if atype == CTA_PROTOINFO_TCP:
+            st = ws_o = ws_r = fl_o = fl_r = 0
+            while p < e:
+                blen, btype = nla(buf, p)
+                if blen < 4 or p + blen > e:
+                    raise CodecError("attribute length out of bounds")
+                btype &= NLA_TYPE_MASK
+                if btype == CTA_PROTOINFO_TCP_STATE:
+                    st = buf[p + 4] if blen == 5 else _bad("tcp state")
+                elif btype == CTA_PROTOINFO_TCP_WSCALE_ORIGINAL:
+                    ws_o = buf[p + 4] if blen == 5 else _bad("tcp wscale")
+                elif btype == CTA_PROTOINFO_TCP_WSCALE_REPLY:
+                    ws_r = buf[p + 4] if blen == 5 else _bad("tcp wscale")
+                elif btype == CTA_PROTOINFO_TCP_FLAGS_ORIGINAL:
+                    fl_o = buf[p + 4] if blen == 6 else _bad("tcp flags")
+                elif btype == CTA_PROTOINFO_TCP_FLAGS_REPLY:
+                    fl_r = buf[p + 4] if blen == 6 else _bad("tcp flags")
+                p += (blen + 3) & ~3
+            return [st, ws_o, ws_r, fl_o, fl_r]
+        if atype == CTA_PROTOINFO_SCTP:
+            st = vt_o = vt_r = 0
+            while p < e:
+                blen, btype = nla(buf, p)
+                if blen < 4 or p + blen > e:
+                    raise CodecError("attribute length out of bounds")
+                btype &= NLA_TYPE_MASK
+                if btype == CTA_PROTOINFO_SCTP_STATE:
+                    st = buf[p + 4] if blen == 5 else _bad("sctp state")
+                elif btype == CTA_PROTOINFO_SCTP_VTAG_ORIGINAL:
+                    vt_o = _u32(buf, p, blen)
+                elif btype == CTA_PROTOINFO_SCTP_VTAG_REPLY:
+                    vt_r = _u32(buf, p, blen)
+                p += (blen + 3) & ~3
+            return [st, vt_o, vt_r]
+        if atype == CTA_PROTOINFO_DCCP:
+            st = role = 0
+            hs = 0
+            while p < e:
+                blen, btype = nla(buf, p)
+                if blen < 4 or p + blen > e:
+                    raise CodecError("attribute length out of bounds")
+                btype &= NLA_TYPE_MASK
+                if btype == CTA_PROTOINFO_DCCP_STATE:
+                    st = buf[p + 4] if blen == 5 else _bad("dccp state")
+                elif btype == CTA_PROTOINFO_DCCP_ROLE:
+                    role = buf[p + 4] if blen == 5 else _bad("dccp role")
+                elif btype == CTA_PROTOINFO_DCCP_HANDSHAKE_SEQ:
+                    if blen != 12:
+                        raise CodecError("bad dccp handshake seq")
+                    hs = _U64BE.unpack_from(buf, p + 4)[0]
+                p += (blen + 3) & ~3
+            return [st, role, hs]
+        pos += (alen + 3) & ~3
+    return None
+
+
+def _bad(what: str) -> int:
+    raise CodecError(f"bad {what}")
+
+
+def _u32(buf: bytes, p: int, blen: int) -> int:
+    if blen != 8:
+        raise CodecError("bad u32 attribute")
+    v: int = _U32BE.unpack_from(buf, p + 4)[0]
+    return v
+
+
+def _seqadj(buf: bytes, pos: int, end: int) -> list[int]:
+    out = [0, 0, 0]
+    nla = _NLA.unpack_from
+    while pos < end:
+        alen, atype = nla(buf, pos)
+        if alen < 4 or pos + alen > end:
+            raise CodecError("attribute length out of bounds")
+        atype &= NLA_TYPE_MASK
+        if 1 <= atype <= 3:
+            out[atype - 1] = _u32(buf, pos, alen)
+        pos += (alen + 3) & ~3
+    return out
+
+
+def _helper_name(buf: bytes, pos: int, end: int) -> str | None:
+    nla = _NLA.unpack_from
+    while pos < end:
+        alen, atype = nla(buf, pos)
+        if alen < 4 or pos + alen > end:
+            raise CodecError("attribute length out of bounds")
+        if atype & NLA_TYPE_MASK == CTA_HELP_NAME:
+            return _cstr(buf, pos + 4, pos + alen)
+        pos += (alen + 3) & ~3
+    return None
+
+
+def _cstr(buf: bytes, start: int, end: int) -> str:
+    raw = buf[start:end]
+    nul = raw.find(b"\0")
+    try:
+        return (raw if nul < 0 else raw[:nul]).decode("ascii")
+    except UnicodeDecodeError:
+        raise CodecError("non-ASCII name") from None
+
+
+_packb = msgpack.Packer(use_bin_type=True).pack
+
+
+def _decode_ct(buf: bytes, pos: int, end: int, family: int, kind: int, portid: int) -> CtEvent:
+    """Decode the attributes of one conntrack message (after the nfgenmsg header)."""
+    orig: tuple[int, bytes, bytes, int, int] | None = None
+    reply: tuple[int, bytes, bytes, int, int] | None = None
+    master: tuple[int, bytes, bytes, int, int] | None = None
+    status = mark = zone = 0
+    timeout: int | None = None
+    proto: list[int] | None = None
+    helper: str | None = None
+    labels: bytes | None = None
+    sa_o: list[int] | None = None
+    sa_r: list[int] | None = None
+    nla = _NLA.unpack_from
+    u32 = _U32BE.unpack_from
+    while pos < end:
+        alen, atype = nla(buf, pos)
+        if alen < 4 or pos + alen > end:
+            raise CodecError("attribute length out of bounds")
+        atype &= NLA_TYPE_MASK
+        if atype == CTA_TUPLE_ORIG:
+            orig = _tuple(buf, pos + 4, pos + alen)
+        elif atype == CTA_TUPLE_REPLY:
+            reply = _tuple(buf, pos + 4, pos + alen)
+        elif atype == CTA_STATUS:
+            if alen != 8:
+                raise CodecError("bad CTA_STATUS")
+            status = u32(buf, pos + 4)[0]
+        elif atype == CTA_TIMEOUT:
+            if alen != 8:
+                raise CodecError("bad CTA_TIMEOUT")
+            timeout = u32(buf, pos + 4)[0]
+        elif atype == CTA_MARK:
+            if alen != 8:
+                raise CodecError("bad CTA_MARK")
+            mark = u32(buf, pos + 4)[0]
+        elif atype == CTA_PROTOINFO:
+            proto = _protoinfo(buf, pos + 4, pos + alen)
+        elif atype == CTA_ZONE:
+            if alen != 6:
+                raise CodecError("bad CTA_ZONE")
+            zone = _U16BE.unpack_from(buf, pos + 4)[0]
+        elif atype == CTA_HELP:
+            helper = _helper_name(buf, pos + 4, pos + alen)
+        elif atype == CTA_LABELS:
+            labels = buf[pos + 4:pos + alen]
+        elif atype == CTA_TUPLE_MASTER:
+            master = _tuple(buf, pos + 4, pos + alen)
+        elif atype == CTA_SEQ_ADJ_ORIG:
+            sa_o = _seqadj(buf, pos + 4, pos + alen)
+        elif atype == CTA_SEQ_ADJ_REPLY:
+            sa_r = _seqadj(buf, pos + 4, pos + alen)
+        pos += (alen + 3) & ~3
+    if orig is None or reply is None:
+        raise CodecError("conntrack message without both tuples")
+    l4, osrc, odst, osp, odp = orig
+    alen_family = 4 if family == AF_INET else 16 if family == AF_INET6 else 0
+    if len(osrc) != alen_family or len(reply[1]) != alen_family or reply[0] != l4:
+        raise CodecError("tuples do not match the message family")
+    seqadj = None
+    if sa_o is not None or sa_r is not None:
+        seqadj = (sa_o or [0, 0, 0]) + (sa_r or [0, 0, 0])
+    m = None
+    if master is not None:
+        if len(master[1]) != alen_family:
+            raise CodecError("master tuple does not match the family")
+        m = list(master)
+    if proto is not None and not ((l4 == IPPROTO_TCP and len(proto) == 5)
+                                  or (l4 != IPPROTO_TCP and len(proto) == 3
+                                      and l4 in (IPPROTO_SCTP, IPPROTO_DCCP))):
+        raise CodecError("protoinfo does not match l4proto")
+    record = _packb([RECORD_VERSION, family, l4, [osrc, odst, osp, odp], list(reply[1:]),
+                     status, timeout, mark, zone, proto, helper, labels, seqadj, m])
+    key = _KEY_HEAD.pack(family, l4, zone, osp, odp) + osrc + odst
+    tcp_state = proto[0] if (proto is not None and l4 == IPPROTO_TCP) else -1
+    return CtEvent(kind, key, mark, l4, tcp_state, status, record, portid)
+
+
+def _decode_exp(buf: bytes, pos: int, end: int, family: int) -> ExpectRecord:
+    master = tup = mask = nat_tuple = None
+    timeout = klass = nat_dir = None
+    helper = fn = None
+    zone = flags = 0
+    nla = _NLA.unpack_from
+    while pos < end:
+        alen, atype = nla(buf, pos)
+        if alen < 4 or pos + alen > end:
+            raise CodecError("attribute length out of bounds")
+        atype &= NLA_TYPE_MASK
+        if atype == CTA_EXPECT_MASTER:
+            master = _tuple(buf, pos + 4, pos + alen)
+        elif atype == CTA_EXPECT_TUPLE:
+            tup = _tuple(buf, pos + 4, pos + alen)
+        elif atype == CTA_EXPECT_MASK:
+            mask = _tuple(buf, pos + 4, pos + alen)
+        elif atype == CTA_EXPECT_TIMEOUT:
+            timeout = _u32(buf, pos, alen)
+        elif atype == CTA_EXPECT_HELP_NAME:
+            helper = _cstr(buf, pos + 4, pos + alen)
+        elif atype == CTA_EXPECT_FN:
+            fn = _cstr(buf, pos + 4, pos + alen)
+        elif atype == CTA_EXPECT_ZONE:
+            if alen != 6:
+                raise CodecError("bad CTA_EXPECT_ZONE")
+            zone = _U16BE.unpack_from(buf, pos + 4)[0]
+        elif atype == CTA_EXPECT_FLAGS:
+            flags = _u32(buf, pos, alen)
+        elif atype == CTA_EXPECT_CLASS:
+            klass = _u32(buf, pos, alen)
+        elif atype == CTA_EXPECT_NAT:
+            p, e = pos + 4, pos + alen
+            while p < e:
+                blen, btype = nla(buf, p)
+                if blen < 4 or p + blen > e:
+                    raise CodecError("attribute length out of bounds")
+                btype &= NLA_TYPE_MASK
+                if btype == CTA_EXPECT_NAT_DIR:
+                    nat_dir = _u32(buf, p, blen)
+                elif btype == CTA_EXPECT_NAT_TUPLE:
+                    nat_tuple = _tuple(buf, p + 4, p + blen)
+                p += (blen + 3) & ~3
+        pos += (alen + 3) & ~3
+    if master is None or tup is None or mask is None:
+        raise CodecError("expectation without master, tuple or mask")
+    return ExpectRecord(family=family, master=_pt(master), tuple=_pt(tup), mask=_pt(mask),
+                        timeout=timeout, helper=helper, zone=zone, flags=flags, klass=klass,
+                        nat_dir=nat_dir, nat_tuple=None if nat_tuple is None else _pt(nat_tuple),
+                        fn=fn)
+
+
+def _pt(t: tuple[int, bytes, bytes, int, int]) -> ProtoTuple:
+    return ProtoTuple(t[0], FlowTuple(t[1], t[2], t[3], t[4]))
+
+
+def decode(buf: bytes, out: Decoded | None = None, *, dump: bool = False) -> Decoded:
+    """Decode every netlink message in ``buf`` (one ``recv``).
+
+    Conntrack messages become :class:`CtEvent` (kind DUMP when ``dump`` is true), expectation
+    messages :class:`ExpEvent`, ``NLMSG_ERROR`` :class:`NetlinkAck`; ``NLMSG_DONE`` sets
+    ``done``. Other messages are counted in ``skipped``. Raises only :class:`CodecError`.
+    """
+    if out is None:
+        out = Decoded([], [], [])
+    events = out.events
+    append = events.append
+    pos = 0
+    n = len(buf)
+    hdr = _NLMSG.unpack_from
+    try:
+        while pos < n:
+            if n - pos < 16:
+                raise CodecError("truncated netlink header")
+            mlen, mtype, mflags, _seq, portid = hdr(buf, pos)
+            if mlen < 16 or pos + mlen > n:
+                raise CodecError("netlink message length out of bounds")
+            end = pos + mlen
+            if mtype in (CT_NEW, CT_DELETE):
+                if mlen < 20:
+                    raise CodecError("truncated nfgenmsg")
+                if dump:
+                    kind = KIND_DUMP
+                elif mtype == CT_DELETE:
+                    kind = KIND_DESTROY
+                elif mflags & NLM_F_CREATE:
+                    kind = KIND_NEW
+                else:
+                    kind = KIND_UPDATE
+                append(_decode_ct(buf, pos + 20, end, buf[pos + 16], kind, portid))
+            elif mtype in (EXP_NEW, EXP_DELETE):
+                if mlen < 20:
+                    raise CodecError("truncated nfgenmsg")
+                kind = KIND_DUMP if dump else KIND_DESTROY if mtype == EXP_DELETE else KIND_NEW
+                out.expectations.append(
+                    ExpEvent(kind, _decode_exp(buf, pos + 20, end, buf[pos + 16]), portid))
+            elif mtype == NLMSG_ERROR:
+                if mlen < 36:
+                    raise CodecError("truncated NLMSG_ERROR")
+                err = _ERRNO.unpack_from(buf, pos + 16)[0]
+                oseq = _NLMSG.unpack_from(buf, pos + 20)[3]
+                out.acks.append(NetlinkAck(oseq, -err))
+            elif mtype == NLMSG_DONE:
+                out.done = True
+            else:
+                out.skipped += 1
+            pos += (mlen + 3) & ~3
+    except (struct.error, IndexError) as e:
+        raise CodecError(f"truncated message: {e}") from None
+    return out
+
+
+# -- encoding ---------------------------------------------------------------------------------
+
+
+def _nla(atype: int, payload: bytes) -> bytes:
+    n = 4 + len(payload)
+    return _NLA.pack(n, atype) + payload + b"\0" * (-n & 3)
+
+
+def _nest(atype: int, *parts: bytes) -> bytes:
+    body = b"".join(parts)
+    return _NLA.pack(4 + len(body), atype | NLA_F_NESTED) + body
+
+
+_PORTS_V4 = struct.Struct("=HH HH HH4s HH4s HH HHB3x HH2s2x HH2s2x")
+_PORTS_V6 = struct.Struct("=HH HH HH16s HH16s HH HHB3x HH2s2x HH2s2x")
+_N = NLA_F_NESTED
+
+
+def encode_tuple(atype: int, l4proto: int, src: bytes, dst: bytes, sport: int,
+                 dport: int) -> bytes:
+    """One CTA_TUPLE_* attribute (ports, ICMP id/type/code, or addresses only)."""
+    if l4proto in PORT_PROTOS:
+        sp, dp = sport.to_bytes(2, "big"), dport.to_bytes(2, "big")
+        if len(src) == 4:
+            return _PORTS_V4.pack(52, atype | _N, 20, CTA_TUPLE_IP | _N, 8, CTA_IP_V4_SRC, src,
+                                  8, CTA_IP_V4_DST, dst, 28, CTA_TUPLE_PROTO | _N,
+                                  5, CTA_PROTO_NUM, l4proto, 6, CTA_PROTO_SRC_PORT, sp,
+                                  6, CTA_PROTO_DST_PORT, dp)
+        return _PORTS_V6.pack(76, atype | _N, 44, CTA_TUPLE_IP | _N, 20, CTA_IP_V6_SRC, src,
+                              20, CTA_IP_V6_DST, dst, 28, CTA_TUPLE_PROTO | _N,
+                              5, CTA_PROTO_NUM, l4proto, 6, CTA_PROTO_SRC_PORT, sp,
+                              6, CTA_PROTO_DST_PORT, dp)
+    if len(src) == 4:
+        ip = _nest(CTA_TUPLE_IP, _nla(CTA_IP_V4_SRC, src), _nla(CTA_IP_V4_DST, dst))
+    else:
+        ip = _nest(CTA_TUPLE_IP, _nla(CTA_IP_V6_SRC, src), _nla(CTA_IP_V6_DST, dst))
+    parts = [_nla(CTA_PROTO_NUM, bytes([l4proto]))]
+    if l4proto in ICMP_PROTOS:
+        base = CTA_PROTO_ICMP_ID if l4proto == IPPROTO_ICMP else CTA_PROTO_ICMPV6_ID
+        parts += [_nla(base, sport.to_bytes(2, "big")), _nla(base + 1, bytes([dport >> 8])),
+                  _nla(base + 2, bytes([dport & 0xFF]))]
+    elif sport or dport:  # GRE keys travel in the port slots
+        parts += [_nla(CTA_PROTO_SRC_PORT, sport.to_bytes(2, "big")),
+                  _nla(CTA_PROTO_DST_PORT, dport.to_bytes(2, "big"))]
+    return _nest(atype, ip, _nest(CTA_TUPLE_PROTO, *parts))
+
+
+def _nfmsg(mtype: int, flags: int, seq: int, family: int, body: bytes) -> bytes:
+    return _NLMSG_NFGEN.pack(20 + len(body), mtype, flags, seq, 0, family, 0, 0) + body
+
+
+def _nat(atype: int, addr: bytes, port: int | None) -> bytes:
+    if len(addr) == 4:
+        parts = [_nla(CTA_NAT_V4_MINIP, addr), _nla(CTA_NAT_V4_MAXIP, addr)]
+    else:
+        parts = [_nla(CTA_NAT_V6_MINIP, addr), _nla(CTA_NAT_V6_MAXIP, addr)]
+    if port is not None:
+        p = port.to_bytes(2, "big")
+        parts.append(_nest(CTA_NAT_PROTO, _nla(CTA_PROTONAT_PORT_MIN, p),
+                           _nla(CTA_PROTONAT_PORT_MAX, p)))
+    return _nest(atype, *parts)
+
+
+def _u32attr(atype: int, v: int) -> bytes:
+    return _NLA.pack(8, atype) + _U32BE.pack(v)
+
+
+def _protoinfo_attr(l4: int, pi: list[Any]) -> bytes:
+    if l4 == IPPROTO_TCP:
+        st, ws_o, ws_r, fl_o, fl_r = pi[:5]
+        # mask 0xff: the kernel applies flags & mask; dumps report mask 0
+        return _nest(CTA_PROTOINFO, _nest(
+            CTA_PROTOINFO_TCP, _nla(CTA_PROTOINFO_TCP_STATE, bytes([st])),
+            _nla(CTA_PROTOINFO_TCP_WSCALE_ORIGINAL, bytes([ws_o])),
+            _nla(CTA_PROTOINFO_TCP_WSCALE_REPLY, bytes([ws_r])),
+            _nla(CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, bytes([fl_o, 0xFF])),
+            _nla(CTA_PROTOINFO_TCP_FLAGS_REPLY, bytes([fl_r, 0xFF]))))
+    if l4 == IPPROTO_SCTP:
+        return _nest(CTA_PROTOINFO, _nest(
+            CTA_PROTOINFO_SCTP, _nla(CTA_PROTOINFO_SCTP_STATE, bytes([pi[0]])),
+            _u32attr(CTA_PROTOINFO_SCTP_VTAG_ORIGINAL, pi[1]),
+            _u32attr(CTA_PROTOINFO_SCTP_VTAG_REPLY, pi[2])))
+    if l4 == IPPROTO_DCCP:
+        return _nest(CTA_PROTOINFO, _nest(
+            CTA_PROTOINFO_DCCP, _nla(CTA_PROTOINFO_DCCP_STATE, bytes([pi[0]])),
+            _nla(CTA_PROTOINFO_DCCP_ROLE, bytes([pi[1]])),
+            _nla(CTA_PROTOINFO_DCCP_HANDSHAKE_SEQ, _U64BE.pack(pi[2]))))
+    return b""
+
+
+def _create_body(f: list[Any], default_timeout: int) -> tuple[int, bytes]:
+    """Attributes of a create for the packed-form array ``f``; returns (family, body)."""
+    family, l4 = f[1], f[2]
+    o, r = f[3], f[4]
+    status = f[5]
+    master = f[13]
+    parts = [encode_tuple(CTA_TUPLE_ORIG, l4, o[0], o[1], o[2], o[3])]
+    nat: list[bytes] = []
+    if status & (IPS_SRC_NAT | IPS_DST_NAT):
+        # un-NATed reply (the kernel's inverse) plus ranges: the kernel redoes the NAT itself
+        inv = FlowTuple(o[0], o[1], o[2], o[3]).inverse(l4)
+        parts.append(encode_tuple(CTA_TUPLE_REPLY, l4, inv.src, inv.dst, inv.sport, inv.dport))
+        icmp = l4 in ICMP_PROTOS
+        ported = l4 in PORT_PROTOS or icmp
+        if status & IPS_DST_NAT:
+            nat.append(_nat(CTA_NAT_DST, r[0], (r[2] if ported else None)))
+        if status & IPS_SRC_NAT:
+            nat.append(_nat(CTA_NAT_SRC, r[1], (r[2] if icmp else r[3] if ported else None)))
+    else:
+        parts.append(encode_tuple(CTA_TUPLE_REPLY, l4, r[0], r[1], r[2], r[3]))
+    st = (status & CREATE_STATUS_MASK) | IPS_CONFIRMED
+    if master is not None:
+        st |= IPS_EXPECTED
+    parts.append(_u32attr(CTA_STATUS, st))
+    timeout = f[6]
+    parts.append(_u32attr(CTA_TIMEOUT, default_timeout if timeout is None else timeout))
+    parts.append(_u32attr(CTA_MARK, f[7]))
+    if f[8]:
+        parts.append(_NLA.pack(6, CTA_ZONE) + _U16BE.pack(f[8]) + b"\0\0")
+    if f[9] is not None:
+        parts.append(_protoinfo_attr(l4, f[9]))
+    if f[10] is not None:
+        parts.append(_nest(CTA_HELP, _nla(CTA_HELP_NAME, f[10].encode("ascii") + b"\0")))
+    parts += nat
+    if f[11] is not None:
+        parts.append(_nla(CTA_LABELS, f[11]))
+        parts.append(_nla(CTA_LABELS_MASK, b"\xff" * len(f[11])))
+    if f[12] is not None:
+        sa = f[12]
+        for atype, vals in ((CTA_SEQ_ADJ_ORIG, sa[0:3]), (CTA_SEQ_ADJ_REPLY, sa[3:6])):
+            parts.append(_nest(atype, _u32attr(CTA_SEQADJ_CORRECTION_POS, vals[0]),
+                               _u32attr(CTA_SEQADJ_OFFSET_BEFORE, vals[1]),
+                               _u32attr(CTA_SEQADJ_OFFSET_AFTER, vals[2])))
+    if master is not None:
+        parts.append(encode_tuple(CTA_TUPLE_MASTER, master[0], master[1], master[2],
+                                  master[3], master[4]))
+    return family, b"".join(parts)
+
+
+def encode_create(record: bytes, seq: int, *, ack: bool = False,
+                  default_timeout: int = 120) -> bytes:
+    """One IPCTNL_MSG_CT_NEW (create, fail with EEXIST if present) for a packed record."""
+    try:
+        family, body = _create_body(unpack_fields(record), default_timeout)
+    except (IndexError, TypeError, ValueError, AttributeError, OverflowError,
+            struct.error) as e:
+        if isinstance(e, RecordError):
+            raise
+        raise RecordError(f"record cannot be encoded: {e}") from None
+    flags = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL | (NLM_F_ACK if ack else 0)
+    return _nfmsg(CT_NEW, flags, seq, family, body)
+
+
+def encode_create_batch(records: Sequence[bytes], seq_start: int, *, ack_last: bool = True,
+                        default_timeout: int = 120) -> bytes:
+    """Creates for ``records`` with seq ``seq_start + i``; the last asks for an ACK."""
+    last = len(records) - 1
+    return b"".join(encode_create(r, seq_start + i, ack=ack_last and i == last,
+                                  default_timeout=default_timeout)
+                    for i, r in enumerate(records))
+
+
+def _key_body(key: bytes) -> tuple[int, bytes]:
+    family, l4, zone, src, dst, sport, dport = parse_key(key)
+    body = encode_tuple(CTA_TUPLE_ORIG, l4, src, dst, sport, dport)
+    if zone:
+        body += _NLA.pack(6, CTA_ZONE) + _U16BE.pack(zone) + b"\0\0"
+    return family, body
+
+
+def encode_delete(key: bytes, seq: int, *, ack: bool = False) -> bytes:
+    """IPCTNL_MSG_CT_DELETE of the entry named by ``key`` (ENOENT if absent)."""
+    family, body = _key_body(key)
+    return _nfmsg(CT_DELETE, NLM_F_REQUEST | (NLM_F_ACK if ack else 0), seq, family, body)
+
+
+def encode_delete_batch(keys: Sequence[bytes], seq_start: int, *, ack_last: bool = True) -> bytes:
+    last = len(keys) - 1
+    return b"".join(encode_delete(k, seq_start + i, ack=ack_last and i == last)
+                    for i, k in enumerate(keys))
+
+
+def encode_update(key: bytes, seq: int, *, timeout: int | None = None, mark: int | None = None,
+                  tcp_state: int | None = None, ack: bool = False) -> bytes:
+    """IPCTNL_MSG_CT_NEW without NLM_F_CREATE: change timeout/mark/TCP state of an entry."""
+    family, body = _key_body(key)
+    parts = [body]
+    if timeout is not None:
+        parts.append(_u32attr(CTA_TIMEOUT, timeout))
+    if mark is not None:
+        parts.append(_u32attr(CTA_MARK, mark))
+    if tcp_state is not None:
+        parts.append(_nest(CTA_PROTOINFO, _nest(
+            CTA_PROTOINFO_TCP, _nla(CTA_PROTOINFO_TCP_STATE, bytes([tcp_state])))))
+    return _nfmsg(CT_NEW, NLM_F_REQUEST | (NLM_F_ACK if ack else 0), seq, family,
+                  b"".join(parts))
+
+
+def encode_dump_request(seq: int, *, family: int = 0, mark: int | None = None,
+                        mark_mask: int = 0xFFFFFFFF) -> bytes:
+    """IPCTNL_MSG_CT_GET dump, optionally filtered in the kernel by ``ct mark & mask == mark``."""
+    body = b""
+    if mark is not None:
+        body = _u32attr(CTA_MARK, mark) + _u32attr(CTA_MARK_MASK, mark_mask)
+    return _nfmsg(CT_GET, NLM_F_REQUEST | NLM_F_DUMP, seq, family, body)
+
+
+def encode_exp_dump_request(seq: int, *, family: int = 0) -> bytes:
+    return _nfmsg(EXP_GET, NLM_F_REQUEST | NLM_F_DUMP, seq, family, b"")
+
+
+def _ptuple(atype: int, t: ProtoTuple) -> bytes:
+    return encode_tuple(atype, t.l4proto, t.tuple.src, t.tuple.dst, t.tuple.sport,
+                        t.tuple.dport)
+
+
+def encode_exp_create(exp: ExpectRecord, seq: int, *, ack: bool = True,
+                      default_timeout: int = 300) -> bytes:
+    """IPCTNL_MSG_EXP_NEW recreating ``exp`` (its master must exist, with its helper)."""
+    parts = [_ptuple(CTA_EXPECT_MASTER, exp.master), _ptuple(CTA_EXPECT_TUPLE, exp.tuple),
+             _ptuple(CTA_EXPECT_MASK, exp.mask),
+             _u32attr(CTA_EXPECT_TIMEOUT,
+                      default_timeout if exp.timeout is None else exp.timeout)]
+    if exp.zone:
+        parts.append(_NLA.pack(6, CTA_EXPECT_ZONE) + _U16BE.pack(exp.zone) + b"\0\0")
+    if exp.helper:
+        parts.append(_nla(CTA_EXPECT_HELP_NAME, exp.helper.encode("ascii") + b"\0"))
+    if exp.flags:
+        parts.append(_u32attr(CTA_EXPECT_FLAGS, exp.flags))
+    if exp.klass is not None:
+        parts.append(_u32attr(CTA_EXPECT_CLASS, exp.klass))
+    if exp.nat_tuple is not None and exp.nat_dir is not None:
+        parts.append(_nest(CTA_EXPECT_NAT, _u32attr(CTA_EXPECT_NAT_DIR, exp.nat_dir),
+                           _ptuple(CTA_EXPECT_NAT_TUPLE, exp.nat_tuple)))
+    flags = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL | (NLM_F_ACK if ack else 0)
+    return _nfmsg(EXP_NEW, flags, seq, exp.family, b"".join(parts))
+
+
+def iter_messages(buf: bytes) -> Iterable[bytes]:
+    """Split a buffer into whole netlink messages (for captures and tests)."""
+    pos = 0
+    while pos + 16 <= len(buf):
+        mlen = _NLMSG.unpack_from(buf, pos)[0]
+        if mlen < 16 or pos + mlen > len(buf):
+            raise CodecError("netlink message length out of bounds")
+        yield buf[pos:pos + mlen]
+        pos += (mlen + 3) & ~3
