@@ -376,6 +376,8 @@ def _diff(args: argparse.Namespace) -> int:
         kernel = nft.list_table(netns, terse=True)
     except nft.NftError as exc:
         return _fail(exc)
+    if kernel is not None:
+        kernel = nft.aligned_listing(kernel, list(nft.listing_blocks(rendered)))
     lines = diff_listings(rendered, kernel)
     if not lines:
         print(f"table {nft.FAMILY} {nft.TABLE}: kernel matches the rendered ruleset")

@@ -318,6 +318,35 @@ def canonical_listing(text: str, timeout: float = 30.0) -> str:
     return cp.stdout
 
 
+def listing_blocks(listing: str) -> dict[str, str]:
+    """The top-level blocks of a ``nft list table`` listing, keyed ``"chain NAME"`` /
+    ``"set NAME"`` / ``"map NAME"``, in listing order."""
+    blocks: dict[str, str] = {}
+    key: str | None = None
+    body: list[str] = []
+    for line in listing.splitlines():
+        m = re.match(r"^\t(chain|set|map|flowtable|counter|quota|limit|ct \w+) (\S+) \{$", line)
+        if m and key is None:
+            key, body = f"{m.group(1)} {m.group(2)}", [line]
+        elif key is not None:
+            body.append(line)
+            if line == "\t}":
+                blocks[key] = "\n".join(body) + "\n"
+                key = None
+    return blocks
+
+
+def aligned_listing(listing: str, order: Sequence[str]) -> str:
+    """``listing`` with its blocks in ``order`` (others after, in listing order).
+
+    The kernel lists chains in creation order, so a chain recreated by an apply moves to the
+    end; comparing listings block by block in one order makes that no difference.
+    """
+    blocks = listing_blocks(listing)
+    keys = [k for k in order if k in blocks] + [k for k in blocks if k not in order]
+    return f"table {FAMILY} {TABLE} {{\n" + "\n".join(blocks[k] for k in keys) + "}\n"
+
+
 def check_ruleset(text: str, netns: str | None = None) -> None:
     """``nft -c -f -``: raise :class:`NftError` unless the kernel would accept ``text``."""
     run_nft(["-c", "-f", "-"], netns=netns, input=text)

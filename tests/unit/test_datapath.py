@@ -370,3 +370,16 @@ def test_cli_user_errors_one_line_exit_2(args: list[str], words: str) -> None:
     assert cp.returncode == 2, (cp.stdout, cp.stderr)
     assert cp.stderr.count("\n") == 1, cp.stderr
     assert words in cp.stderr
+
+
+def test_listing_blocks_and_alignment() -> None:
+    listing = ("table inet lbsync {\n\tset owned {\n\t\ttype mark\n\t}\n\n"
+               "\tchain b {\n\t\tcounter\n\t}\n\n\tchain a {\n\t\ttype filter hook input "
+               "priority filter; policy accept;\n\t}\n}\n")
+    blocks = nft.listing_blocks(listing)
+    assert list(blocks) == ["set owned", "chain b", "chain a"]
+    assert blocks["chain b"] == "\tchain b {\n\t\tcounter\n\t}\n"
+    assert nft.aligned_listing(listing, ["set owned", "chain b", "chain a"]) == listing
+    swapped = nft.aligned_listing(listing, ["set owned", "chain a"])
+    assert list(nft.listing_blocks(swapped)) == ["set owned", "chain a", "chain b"]
+    assert nft.aligned_listing(swapped, ["set owned", "chain b", "chain a"]) == listing
