@@ -18,6 +18,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -263,6 +264,11 @@ def test_one_node_bucket_ownership_snat_slice_and_input_guard(netns: NetnsSet,
     c, fw, s, d = one_node(netns, family)
     cfg = parse_cluster(copy.deepcopy(d))
     nft.apply_ruleset(render_ruleset(cfg, 1), fw)
+    if family == 6:
+        # Neighbour discovery is untracked by conntrack, so no bucket applies: it passes the
+        # node with nothing owned (a UDP datagram to the node makes the client resolve it).
+        netns.ns(c, [sys.executable, "-c", UDP_SEND, a["client"], "39999", a["outside"], "9"])
+        assert _neigh_reachable(netns, c, a["outside"]), "ND blocked by the ruleset"
     nft.owned_transaction(range(4), [], fw)
 
     sport = 40000
@@ -306,3 +312,13 @@ def test_one_node_bucket_ownership_snat_slice_and_input_guard(netns: NetnsSet,
     cp = netns.ns(c, [sys.executable, "-c", TCP_CONNECT, a["server"], "22"])
     assert cp.stdout.strip() == "refused"
 
+
+
+def _neigh_reachable(netns: NetnsSet, ns: str, addr: str) -> bool:
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline:
+        out = netns.ns(ns, ["ip", "-6", "neigh", "show", addr, "dev", "c0"]).stdout
+        if "REACHABLE" in out or "STALE" in out:
+            return True
+        time.sleep(0.05)
+    return False
