@@ -41,7 +41,6 @@ from lbsync.kernel.flowrecord import (
     IPS_ASSURED,
     IPS_CONFIRMED,
     IPS_DST_NAT,
-    IPS_EXPECTED,
     IPS_FIXED_TIMEOUT,
     IPS_HELPER,
     IPS_SEEN_REPLY,
@@ -749,9 +748,8 @@ def _create_body(f: list[Any], default_timeout: int) -> tuple[int, bytes]:
             nat.append(_nat(CTA_NAT_SRC, r[1], (r[2] if icmp else r[3] if ported else None)))
     else:
         parts.append(encode_tuple(CTA_TUPLE_REPLY, l4, r[0], r[1], r[2], r[3]))
+    # EXPECTED must not be sent (EBUSY): the kernel sets it from CTA_TUPLE_MASTER
     st = (status & CREATE_STATUS_MASK) | IPS_CONFIRMED
-    if master is not None:
-        st |= IPS_EXPECTED
     parts.append(_u32attr(CTA_STATUS, st))
     timeout = f[6]
     parts.append(_u32attr(CTA_TIMEOUT, default_timeout if timeout is None else timeout))

@@ -378,3 +378,16 @@ def parse_key(key: bytes) -> tuple[int, int, int, bytes, bytes, int, int]:
     if (family, alen) not in ((AF_INET, 4), (AF_INET6, 16)):
         raise RecordError("key family does not match its length")
     return family, l4proto, zone, key[8:8 + alen], key[8 + alen:], sport, dport
+
+
+def merge_records(old: FlowRecord, new: FlowRecord) -> FlowRecord:
+    """``new`` completed by ``old``: UPDATE events carry protoinfo, helper, labels and seqadj
+    only when those changed, so a consumer keeps earlier values for what an event omits."""
+    return FlowRecord(
+        family=new.family, l4proto=new.l4proto, orig=new.orig, reply=new.reply,
+        status=new.status, timeout=new.timeout if new.timeout is not None else old.timeout,
+        mark=new.mark, zone=new.zone, tcp=new.tcp or old.tcp, sctp=new.sctp or old.sctp,
+        dccp=new.dccp or old.dccp, helper=new.helper if new.helper is not None else old.helper,
+        labels=new.labels if new.labels is not None else old.labels,
+        seqadj_orig=new.seqadj_orig or old.seqadj_orig,
+        seqadj_reply=new.seqadj_reply or old.seqadj_reply, master=new.master or old.master)
