@@ -69,7 +69,8 @@ def echo(c):
             c.sendall(d)
     except OSError: pass
 def listen(fam, addr, port, handler):
-    s = socket.socket(fam, socket.SOCK_STREAM); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind((addr, port)); s.listen(16)
     def loop():
         while True:
@@ -103,14 +104,16 @@ CLIENT = r"""
 import socket, struct, sys, threading, time
 conns = []
 def tcp(fam, addr, port):
-    c = socket.create_connection((addr, port), timeout=5); c.sendall(b"hello"); assert c.recv(16) == b"hello"
+    c = socket.create_connection((addr, port), timeout=5)
+    c.sendall(b"hello"); assert c.recv(16) == b"hello"
     conns.append(c)
 for addr, port in (("198.18.2.2", 8000), ("198.18.2.2", 8001), ("198.18.3.100", 7002),
                    ("198.18.2.2", 7003), ("198.18.2.2", 7004), ("198.18.3.100", 7005),
                    ("2001:db8:2::2", 8000), ("2001:db8:2::2", 8006)):
     tcp(None, addr, port)
 for fam, addr in ((socket.AF_INET, "198.18.2.2"), (socket.AF_INET6, "2001:db8:2::2")):
-    u = socket.socket(fam, socket.SOCK_DGRAM); u.settimeout(5); u.bind(("", 5353 if fam == socket.AF_INET else 5354))
+    u = socket.socket(fam, socket.SOCK_DGRAM); u.settimeout(5)
+    u.bind(("", 5353 if fam == socket.AF_INET else 5354))
     u.sendto(b"x", (addr, 9000)); u.recvfrom(16); conns.append(u)
 def csum(b):
     s = sum(struct.unpack("!%dH" % (len(b) // 2), b)); s = (s >> 16) + (s & 0xffff); s += s >> 16
