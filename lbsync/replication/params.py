@@ -1,0 +1,57 @@
+"""Protocol parameters: the configured bounds plus the protocol's internal timings.
+
+:func:`ProtocolParams.from_config` derives them from the cluster file's ``[replication]``
+table; the timings that are not configuration (NACK delays, resync pacing) have defaults
+chosen for a LAN replication link (one-way delay well under 1 ms).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lbsync.config import ReplicationConfig
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolParams:
+    """Everything the sender and receiver cores need to know; times in seconds."""
+
+    buckets: int
+    max_datagram: int = 1400
+    flush_delay: float = 0.002
+    history_datagrams: int = 8192
+    history_bytes: int = 16 * 1024 * 1024
+    reorder_datagrams: int = 4096
+    idle: float = 0.05
+    idle_max: float = 1.0
+    # A receiver waits uniform(0, nack_delay) before its first NACK for a gap, so that one
+    # receiver's NACK, heard by the others, suppresses theirs: it must exceed the one-way delay.
+    nack_delay: float = 0.010
+    nack_retry: float = 0.030
+    nack_retry_max: float = 0.250
+    # The sender answers a given sequence number at most once per hold-off: the duplicate NACKs
+    # of receivers that did not hear each other cost no extra retransmission.
+    retransmit_holdoff: float = 0.010
+    resync_rate: float = 200_000.0  # records per second, at most, in resync answers
+    resync_burst: int = 512
+    resync_timeout: float = 1.0
+    resync_timeout_max: float = 4.0
+    silent_after: float = 3.0
+    control_window: int = 1024
+    gone_memory_chunks: int = 4096  # remembers buckets of evicted datagrams, 256 per chunk
+    max_key: int = 255
+    auto_repair: bool = True  # a digest mismatch requests a resync of that bucket
+
+    @classmethod
+    def from_config(cls, cfg: ReplicationConfig, buckets: int) -> ProtocolParams:
+        return cls(
+            buckets=buckets,
+            max_datagram=cfg.max_datagram,
+            flush_delay=cfg.flush_delay_ms / 1000.0,
+            history_datagrams=cfg.history_datagrams,
+            history_bytes=cfg.history_bytes,
+            reorder_datagrams=cfg.reorder_datagrams,
+            idle=cfg.idle_ms / 1000.0,
+            idle_max=cfg.idle_max_ms / 1000.0,
+            silent_after=3 * cfg.idle_max_ms / 1000.0,
+        )

@@ -1,0 +1,508 @@
+"""Receiver core (sans-IO): every peer's stream, delivered in order, applied per bucket.
+
+Rules, per sender (a peer is identified by its node id and incarnation):
+- A lower incarnation than the one known is rejected (``old_incarnation``); a higher one resets
+  the peer's stream state and requests a full resync from it (its earlier life's records stay).
+- First contact: if the sender still holds its whole stream (oldest == 1 and short), we fetch it
+  from sequence 1 by NACKs; otherwise we start at its current position and request a resync.
+- DATA: a sequence number below the expected one or already buffered is a duplicate, dropped
+  before decoding. Out-of-order datagrams are kept in a reorder buffer of ``reorder_datagrams``
+  (beyond it they are dropped, counted, and fetched again later). Delivery is in order only.
+- Gaps are NACKed after uniform(0, nack_delay); all gaps due within the next ``nack_delay`` go in
+  the same NACK. Hearing another receiver's NACK for a gap counts as sending it (suppression).
+  Retries back off exponentially up to ``nack_retry_max``. ``Gone`` skips the gap (the sender
+  resyncs the affected buckets). A signed but malformed DATA datagram is skipped the same way
+  and a full resync from its sender is requested.
+- CONTROL: replay-checked with a bounded window over the control counter.
+- Records are applied per bucket through the store's owner_epoch rule, never per sender. A
+  resync answer (begin .. end) drops, at its end, the bucket's keys not written since its begin.
+- A sender silent for ``silent_after`` is reported once; its records stay.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from lbsync.replication.auth import ReplayWindow
+from lbsync.replication.events import (
+    BucketResynced,
+    DatagramsGone,
+    DigestCompared,
+    Event,
+    MembershipReceived,
+    RecordRefused,
+    RecordsApplied,
+    SenderJoined,
+    SenderRestarted,
+    SenderResumed,
+    SenderSilent,
+)
+from lbsync.replication.params import ProtocolParams
+from lbsync.replication.store import EXPECTATION, FLOW, BucketStore, Outcome
+from lbsync.replication.wire import (
+    FIRST_SEQ,
+    TYPE_DATA,
+    U32,
+    BucketDigest,
+    ExpectationDelete,
+    ExpectationUpdate,
+    FlowDelete,
+    FlowUpdate,
+    Gone,
+    Header,
+    HighWater,
+    Limits,
+    Membership,
+    Message,
+    Nack,
+    RecordMessage,
+    RemoteProtocolError,
+    ResyncBegin,
+    ResyncDone,
+    ResyncEnd,
+    ResyncRequest,
+    decode_body,
+    unwrap,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiverStatistics:
+    """Snapshot of a :class:`Receiver`."""
+
+    peers: int
+    datagrams_delivered: int
+    records_applied: int
+    records_stale: int
+    records_refused: int
+    duplicates: int
+    reorder_buffered: int
+    reorder_overflow: int
+    gaps_detected: int
+    gaps_open: int
+    nack_messages: int
+    nacked_seqs: int
+    nacks_suppressed: int
+    gone_seqs: int
+    resync_requests: int
+    resyncs_completed: int
+    digests_agreed: int
+    digests_disagreed: int
+    silent_peers: int
+
+
+class _Gap:
+    __slots__ = ("attempts", "due")
+
+    def __init__(self, due: float) -> None:
+        self.due = due
+        self.attempts = 0
+
+
+class _Peer:
+    __slots__ = ("buffer", "ctl", "end", "incarnation", "last_heard", "missing", "next",
+                 "node", "restarted", "silent", "synced", "tracked")
+
+    def __init__(self, node: int, incarnation: int, now: float, window: int) -> None:
+        self.node = node
+        self.incarnation = incarnation
+        self.synced = False
+        self.restarted = False
+        self.next = FIRST_SEQ  # everything below is delivered or skipped
+        self.end = FIRST_SEQ  # one past the highest sequence number known to exist
+        self.tracked = FIRST_SEQ  # gaps below this are in ``missing`` (or delivered/buffered)
+        self.buffer: dict[int, list[Message]] = {}
+        self.missing: dict[int, _Gap] = {}
+        self.ctl = ReplayWindow(window)
+        self.last_heard = now
+        self.silent = False
+
+
+@dataclass(slots=True)
+class _Request:
+    target: int
+    token: int
+    buckets: tuple[int, ...]
+    due: float
+    attempts: int = 0
+
+
+@dataclass(slots=True)
+class _OpenResync:
+    sender: int
+    touched: set[tuple[int, bytes]]
+
+
+class Receiver:
+    """All peers' incoming streams for one node; control messages to send go to ``control``."""
+
+    def __init__(self, *, node_id: int, params: ProtocolParams, store: BucketStore,
+                 rng: random.Random, now: float) -> None:
+        self.node_id = node_id
+        self._p = params
+        self._store = store
+        self._rng = rng
+        self._limits = Limits(buckets=params.buckets, max_datagram=params.max_datagram,
+                              max_key=params.max_key)
+        self._peers: dict[int, _Peer] = {}
+        self._requests: list[_Request] = []
+        self._token = 0
+        self._open: dict[int, _OpenResync] = {}
+        self.control: list[Message] = []
+        self.events: list[Event] = []
+        self.datagrams_delivered = 0
+        self.records_applied = 0
+        self.records_stale = 0
+        self.records_refused = 0
+        self.duplicates = 0
+        self.reorder_overflow = 0
+        self.gaps_detected = 0
+        self.nack_messages = 0
+        self.nacked_seqs = 0
+        self.nacks_suppressed = 0
+        self.gone_seqs = 0
+        self.resync_requests = 0
+        self.resyncs_completed = 0
+        self.digests_agreed = 0
+        self.digests_disagreed = 0
+        self.digest_state: dict[int, bool] = {}  # bucket -> last comparison agreed
+
+    # -- entry points ------------------------------------------------------------------------
+
+    def datagram(self, h: Header, body: bytes, now: float) -> list[Message]:
+        """Process an authenticated datagram; returns the control messages addressed to this
+        node's sender (NACKs, resync requests). Raises :class:`RemoteProtocolError`."""
+        peer = self._peer(h, now)
+        if h.type == TYPE_DATA:
+            self._data(peer, h, body, now)
+            return []
+        counter = unwrap(h.seq, max(peer.ctl.highest, 1))
+        if not peer.ctl.check_and_set(counter):
+            raise RemoteProtocolError("replayed")
+        return self._control(peer, decode_body(body, h.type, self._limits), h, now)
+
+    def request_resync(self, target: int, buckets: Iterable[int], now: float) -> None:
+        """Ask ``target`` for ``buckets`` (empty: all it owns), retried until it is done."""
+        wanted = tuple(sorted(set(buckets)))
+        for r in self._requests:
+            if r.target == target and (not r.buckets or r.buckets == wanted):
+                return  # already asked for these (or for everything)
+        if not wanted:
+            self._requests = [r for r in self._requests if r.target != target]
+        self._token = (self._token + 1) & U32
+        self._requests.append(_Request(target, self._token, wanted,
+                                       now + self._rng.uniform(0, self._p.nack_delay)))
+
+    # -- peers -------------------------------------------------------------------------------
+
+    def _peer(self, h: Header, now: float) -> _Peer:
+        peer = self._peers.get(h.sender)
+        if peer is None:
+            peer = _Peer(h.sender, h.incarnation, now, self._p.control_window)
+            self._peers[h.sender] = peer
+            self.events.append(SenderJoined(h.sender, h.incarnation))
+        elif h.incarnation < peer.incarnation:
+            raise RemoteProtocolError("old_incarnation")
+        elif h.incarnation > peer.incarnation:
+            old = peer.incarnation
+            peer = _Peer(h.sender, h.incarnation, now, self._p.control_window)
+            self._peers[h.sender] = peer
+            self._requests = [r for r in self._requests if r.target != h.sender]
+            self.events.append(SenderRestarted(h.sender, old, h.incarnation))
+            peer.restarted = True
+            self.request_resync(h.sender, (), now)
+        if peer.silent:
+            peer.silent = False
+            self.events.append(SenderResumed(peer.node))
+        peer.last_heard = now
+        return peer
+
+    def _sync(self, peer: _Peer, last: int, oldest: int, now: float) -> None:
+        """First contact with a stream: where to start it (``last`` = highest seq known)."""
+        peer.synced = True
+        if not peer.restarted and oldest == FIRST_SEQ \
+                and last - FIRST_SEQ < self._p.reorder_datagrams:
+            return  # the sender still holds its whole stream: fetch it from the start
+        # Start at the current position; a full resync (requested here, or already on the
+        # incarnation change) covers everything before it.
+        peer.next = peer.end = peer.tracked = last + 1
+        if not peer.restarted:
+            self.request_resync(peer.node, (), now)
+
+    # -- DATA --------------------------------------------------------------------------------
+
+    def _data(self, peer: _Peer, h: Header, body: bytes, now: float) -> None:
+        if not peer.synced:
+            self._sync(peer, h.seq - 1, h.oldest, now)
+        seq = unwrap(h.seq, peer.next)
+        if seq < peer.next or seq in peer.buffer:
+            self.duplicates += 1
+            raise RemoteProtocolError("duplicate")
+        if seq >= peer.next + self._p.reorder_datagrams:
+            self.reorder_overflow += 1
+            if seq + 1 > peer.end:
+                peer.end = seq + 1
+            raise RemoteProtocolError("reorder_overflow")
+        try:
+            messages = decode_body(body, h.type, self._limits)
+        except RemoteProtocolError:
+            # Signed by a cluster key but undecodable: a buggy peer. Skip the number for good
+            # (a retransmission would carry the same bytes) and resync everything it owns.
+            self.request_resync(peer.node, (), now)
+            self._accept(peer, seq, [], now)
+            raise
+        self._accept(peer, seq, messages, now)
+
+    def _accept(self, peer: _Peer, seq: int, messages: list[Message], now: float) -> None:
+        peer.buffer[seq] = messages
+        peer.missing.pop(seq, None)
+        if seq + 1 > peer.end:
+            peer.end = seq + 1
+        self._deliver(peer, now)
+
+    def _deliver(self, peer: _Peer, now: float) -> None:
+        buf = peer.buffer
+        while peer.next in buf:
+            messages = buf.pop(peer.next)
+            peer.next += 1
+            self.datagrams_delivered += 1
+            if messages:
+                self._apply(peer.node, messages, now)
+        if peer.tracked < peer.next:
+            peer.tracked = peer.next
+        limit = min(peer.end, peer.next + self._p.reorder_datagrams)
+        if peer.tracked < limit:
+            nack_delay = self._p.nack_delay
+            uniform = self._rng.uniform
+            for seq in range(peer.tracked, limit):
+                if seq not in buf:
+                    peer.missing[seq] = _Gap(now + uniform(0, nack_delay))
+                    self.gaps_detected += 1
+            peer.tracked = limit
+
+    # -- applying ----------------------------------------------------------------------------
+
+    def _apply(self, sender: int, messages: list[Message], now: float) -> None:
+        store = self._store
+        opened = self._open
+        applied: list[RecordMessage] = []
+        for m in messages:
+            t = type(m)
+            if t is FlowUpdate or t is ExpectationUpdate:
+                assert isinstance(m, FlowUpdate | ExpectationUpdate)
+                kind = FLOW if t is FlowUpdate else EXPECTATION
+                r = store.put(kind, m.bucket, m.owner_epoch, m.key, m.record)
+            elif t is FlowDelete or t is ExpectationDelete:
+                assert isinstance(m, FlowDelete | ExpectationDelete)
+                kind = FLOW if t is FlowDelete else EXPECTATION
+                r = store.delete(kind, m.bucket, m.owner_epoch, m.key)
+            else:
+                self._apply_marker(sender, m, now)
+                continue
+            if r is Outcome.APPLIED:
+                applied.append(m)
+                if opened:
+                    o = opened.get(m.bucket)
+                    if o is not None:
+                        o.touched.add((kind, m.key))
+            elif r is Outcome.STALE:
+                self.records_stale += 1
+            else:
+                self.records_refused += 1
+                self.events.append(RecordRefused(sender, m.bucket, m.key))
+        if applied:
+            self.records_applied += len(applied)
+            self.events.append(RecordsApplied(sender, tuple(applied)))
+
+    def _apply_marker(self, sender: int, m: Message, now: float) -> None:
+        store = self._store
+        if isinstance(m, ResyncBegin):
+            if store.raise_epoch(m.bucket, m.owner_epoch) is Outcome.APPLIED:
+                self._open[m.bucket] = _OpenResync(sender, set())
+        elif isinstance(m, ResyncEnd):
+            if store.raise_epoch(m.bucket, m.owner_epoch) is not Outcome.APPLIED:
+                return
+            o = self._open.pop(m.bucket, None)
+            purged = 0
+            if o is not None and o.sender == sender:
+                purged = store.purge(m.bucket, o.touched)
+            agreed = store.digest(m.bucket) == (m.count, m.digest)
+            self.resyncs_completed += 1
+            self._digest_result(sender, m.bucket, agreed, now)
+            self.events.append(BucketResynced(sender, m.bucket, purged, agreed))
+        elif isinstance(m, BucketDigest):
+            if m.bucket in self._open or \
+                    store.raise_epoch(m.bucket, m.owner_epoch) is not Outcome.APPLIED:
+                return  # mid-resync or from a former owner: not comparable
+            agreed = store.digest(m.bucket) == (m.count, m.digest)
+            self._digest_result(sender, m.bucket, agreed, now)
+            self.events.append(DigestCompared(sender, m.bucket, agreed))
+        elif isinstance(m, ResyncDone) and m.requester == self.node_id:
+            self._requests = [r for r in self._requests
+                              if not (r.target == sender and r.token == m.token)]
+
+    def _digest_result(self, sender: int, bucket: int, agreed: bool, now: float) -> None:
+        self.digest_state[bucket] = agreed
+        if agreed:
+            self.digests_agreed += 1
+            return
+        self.digests_disagreed += 1
+        if self._p.auto_repair:
+            self.request_resync(sender, (bucket,), now)
+
+    # -- CONTROL -----------------------------------------------------------------------------
+
+    def _control(self, peer: _Peer, messages: list[Message], h: Header,
+                 now: float) -> list[Message]:
+        mine: list[Message] = []
+        for m in messages:
+            if isinstance(m, HighWater):
+                self._high_water(peer, m.last_seq, h.oldest, now)
+            elif isinstance(m, Nack):
+                if m.target == self.node_id:
+                    mine.append(m)
+                else:
+                    self._overheard_nack(m, now)
+            elif isinstance(m, Gone):
+                self._gone(peer, m, now)
+            elif isinstance(m, ResyncRequest):
+                if m.target == self.node_id:
+                    mine.append(m)
+            elif isinstance(m, Membership):
+                self.events.append(MembershipReceived(peer.node, peer.incarnation, m.subkind,
+                                                      m.payload))
+        return mine
+
+    def _high_water(self, peer: _Peer, wire_last: int, wire_oldest: int, now: float) -> None:
+        if not peer.synced:
+            self._sync(peer, wire_last, wire_oldest, now)
+            return
+        last = unwrap(wire_last, peer.next)
+        if last + 1 > peer.end:
+            peer.end = last + 1
+            self._deliver(peer, now)
+
+    def _overheard_nack(self, m: Nack, now: float) -> None:
+        peer = self._peers.get(m.target)
+        if peer is None or peer.incarnation != m.incarnation or not peer.missing:
+            return
+        missing = peer.missing
+        for wire_start, count in m.ranges:
+            start = unwrap(wire_start, peer.next)
+            if count <= len(missing):
+                seqs: Iterable[int] = range(start, start + count)
+            else:
+                seqs = [s for s in missing if start <= s < start + count]
+            for s in seqs:
+                gap = missing.get(s)
+                if gap is not None:
+                    gap.attempts += 1
+                    gap.due = max(gap.due, now + self._retry(gap.attempts))
+                    self.nacks_suppressed += 1
+
+    def _gone(self, peer: _Peer, m: Gone, now: float) -> None:
+        skipped = 0
+        for wire_start, count in m.ranges:
+            start = max(unwrap(wire_start, peer.next), peer.next)
+            stop = min(start + count, peer.end)
+            if start >= stop:
+                continue
+            if start == peer.next:
+                # Deliver what we hold inside the range in order, skip the rest at once.
+                for seq in sorted(s for s in peer.buffer if s < stop):
+                    messages = peer.buffer.pop(seq)
+                    self.datagrams_delivered += 1
+                    if messages:
+                        self._apply(peer.node, messages, now)
+                skipped += stop - peer.next
+                peer.next = stop
+                for s in [s for s in peer.missing if s < stop]:
+                    del peer.missing[s]
+            else:
+                for seq in range(start, min(stop, peer.next + self._p.reorder_datagrams)):
+                    if seq not in peer.buffer:
+                        peer.buffer[seq] = []
+                        peer.missing.pop(seq, None)
+                        skipped += 1
+        if skipped:
+            self.gone_seqs += skipped
+            self.events.append(DatagramsGone(peer.node, skipped, m.buckets))
+            self._deliver(peer, now)
+
+    # -- timers ------------------------------------------------------------------------------
+
+    def _retry(self, attempts: int) -> float:
+        base = min(self._p.nack_retry * (1 << min(attempts - 1, 16)), self._p.nack_retry_max)
+        return base * self._rng.uniform(1.0, 1.5)
+
+    def get_timer(self) -> float | None:
+        t: float | None = None
+        for peer in self._peers.values():
+            for gap in peer.missing.values():
+                if t is None or gap.due < t:
+                    t = gap.due
+            if not peer.silent:
+                d = peer.last_heard + self._p.silent_after
+                if t is None or d < t:
+                    t = d
+        for r in self._requests:
+            if t is None or r.due < t:
+                t = r.due
+        return t
+
+    def handle_timer(self, now: float) -> None:
+        horizon = now + self._p.nack_delay
+        for peer in self._peers.values():
+            if peer.missing and any(g.due <= now for g in peer.missing.values()):
+                # Everything due soon rides along: one NACK instead of several.
+                due = sorted(s for s, g in peer.missing.items() if g.due <= horizon)
+                ranges: list[tuple[int, int]] = []
+                for s in due:
+                    gap = peer.missing[s]
+                    gap.attempts += 1
+                    gap.due = now + self._retry(gap.attempts)
+                    if ranges and ranges[-1][0] + ranges[-1][1] == s:
+                        ranges[-1] = (ranges[-1][0], ranges[-1][1] + 1)
+                    else:
+                        ranges.append((s, 1))
+                limit = self._limits.max_ranges
+                for i in range(0, len(ranges), limit):
+                    chunk = tuple((s & U32, c) for s, c in ranges[i:i + limit])
+                    self.control.append(Nack(peer.node, peer.incarnation, chunk))
+                    self.nack_messages += 1
+                self.nacked_seqs += len(due)
+            if not peer.silent and now >= peer.last_heard + self._p.silent_after:
+                peer.silent = True
+                self.events.append(SenderSilent(peer.node, peer.last_heard))
+        for r in self._requests:
+            if r.due <= now:
+                self.control.append(ResyncRequest(r.target, r.token, r.buckets))
+                self.resync_requests += 1
+                r.attempts += 1
+                r.due = now + min(self._p.resync_timeout * (1 << min(r.attempts - 1, 16)),
+                                  self._p.resync_timeout_max)
+
+    # -- introspection -----------------------------------------------------------------------
+
+    def peer_position(self, node: int) -> tuple[int, int, int] | None:
+        """(incarnation, next expected seq, open gaps) of a peer, or None."""
+        peer = self._peers.get(node)
+        if peer is None:
+            return None
+        return peer.incarnation, peer.next, len(peer.missing)
+
+    def pending_resyncs(self) -> int:
+        return len(self._requests)
+
+    def statistics(self) -> ReceiverStatistics:
+        peers = self._peers.values()
+        return ReceiverStatistics(
+            len(self._peers), self.datagrams_delivered, self.records_applied,
+            self.records_stale, self.records_refused, self.duplicates,
+            sum(len(p.buffer) for p in peers), self.reorder_overflow, self.gaps_detected,
+            sum(len(p.missing) for p in peers), self.nack_messages, self.nacked_seqs,
+            self.nacks_suppressed, self.gone_seqs, self.resync_requests,
+            self.resyncs_completed, self.digests_agreed, self.digests_disagreed,
+            sum(1 for p in peers if p.silent))

@@ -1,0 +1,468 @@
+"""Sender core (sans-IO): this node's sequenced data stream and its control datagrams.
+
+Rules:
+- Messages are grouped into DATA datagrams of at most ``max_datagram`` bytes; a datagram is
+  sealed when the next message would not fit, or ``flush_delay`` after its first message.
+- Every sealed DATA datagram is kept, byte for byte, in a retransmit history bounded in
+  datagrams and in bytes; a NACK is answered from it (each sequence number at most once per
+  ``retransmit_holdoff``). A NACKed number that left the history is answered with ``Gone``,
+  naming the buckets the lost datagrams touched (remembered per chunk of 256 numbers, bounded),
+  and those buckets are resynced.
+- Resync answers are streamed in the same sequenced stream (begin marker, updates read from
+  the store at emission time, end marker with the digest), paced by a token bucket of
+  ``resync_rate`` records/s and always appended after the live messages already queued, so
+  they never starve live traffic.
+- Tail loss: ``idle`` after the last DATA datagram a CONTROL datagram with a ``HighWater``
+  (last sequence number) is sent, then again after 2x, 4x... up to ``idle_max``. Every CONTROL
+  datagram starts with one, so NACKs and heartbeats also reveal a lost tail.
+- Only buckets claimed with :meth:`Sender.claim` can be written; the store applies the
+  owner_epoch rule to our own writes too (a stale owner's write is refused, not sent).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import msgpack
+
+from lbsync.replication.auth import KeyRing
+from lbsync.replication.events import Event, ResyncRequested
+from lbsync.replication.params import ProtocolParams
+from lbsync.replication.store import EXPECTATION, FLOW, BucketStore, Outcome
+from lbsync.replication.wire import (
+    FIRST_SEQ,
+    HEADER,
+    K_EXPECT_DELETE,
+    K_EXPECT_UPDATE,
+    K_FLOW_DELETE,
+    K_FLOW_UPDATE,
+    MAGIC,
+    OVERHEAD,
+    TYPE_CONTROL,
+    TYPE_DATA,
+    U32,
+    VERSION,
+    BucketDigest,
+    Gone,
+    HighWater,
+    LocalProtocolError,
+    Message,
+    ResyncBegin,
+    ResyncDone,
+    ResyncEnd,
+    array_header,
+    encode_message,
+    unwrap,
+)
+
+_CHUNK_SHIFT = 8
+_UPDATE_KIND = {FLOW: K_FLOW_UPDATE, EXPECTATION: K_EXPECT_UPDATE}
+_DELETE_KIND = {FLOW: K_FLOW_DELETE, EXPECTATION: K_EXPECT_DELETE}
+
+
+@dataclass(frozen=True, slots=True)
+class SenderStatistics:
+    """Snapshot of a :class:`Sender`."""
+
+    next_seq: int
+    oldest: int
+    records_sent: int
+    datagrams_sent: int
+    bytes_sent: int
+    control_sent: int
+    high_water_sent: int
+    nacks_received: int
+    retransmitted: int
+    retransmit_held: int
+    gone_answered: int
+    history_datagrams: int
+    history_bytes: int
+    history_evicted: int
+    resync_queued: int
+    resync_buckets: int
+    resync_records: int
+    stale_local: int
+
+
+@dataclass(slots=True)
+class _Waiter:
+    requester: int
+    token: int
+    remaining: int
+
+
+@dataclass(slots=True)
+class _ResyncJob:
+    bucket: int
+    keys: list[tuple[int, bytes]] | None = None
+    index: int = 0
+    epoch: int = 0
+    waiters: list[_Waiter] = field(default_factory=list)
+
+
+class Sender:
+    """One node's outgoing stream. Datagrams to send accumulate in :meth:`datagrams`."""
+
+    def __init__(self, *, node_id: int, incarnation: int, keyring: KeyRing,
+                 params: ProtocolParams, store: BucketStore, now: float) -> None:
+        if not 1 <= node_id <= 255:
+            raise LocalProtocolError("node id must be 1..255")
+        if not 0 <= incarnation <= U32:
+            raise LocalProtocolError("incarnation must be a 32-bit counter")
+        self.node_id = node_id
+        self.incarnation = incarnation
+        self._keyring = keyring
+        self._p = params
+        self._store = store
+        self._packer = msgpack.Packer(use_bin_type=True)
+        # Room for the array header (3 bytes up to 65535 messages).
+        self._budget = params.max_datagram - OVERHEAD - 3
+        self._seq = FIRST_SEQ
+        self._ctl_seq = 1
+        self._history: dict[int, bytes] = {}
+        self._history_buckets: dict[int, set[int]] = {}
+        self._history_size = 0
+        self._oldest = FIRST_SEQ
+        self._gone_chunks: dict[int, set[int]] = {}
+        self._gone_floor = FIRST_SEQ
+        self._retx_at: dict[int, float] = {}
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._buckets: set[int] = set()
+        self._flush_at: float | None = None
+        self._ctl_parts: list[bytes] = []
+        self._out: list[bytes] = []
+        self._owned: dict[int, int] = {}
+        self._jobs: deque[_ResyncJob] = deque()
+        self._queued: dict[int, _ResyncJob] = {}
+        self._tokens = float(params.resync_burst)
+        self._tokens_at = now
+        self._hwm_interval = params.idle
+        self._hwm_at = now + params.idle
+        self.events: list[Event] = []
+        self.records_sent = 0
+        self.datagrams_sent = 0
+        self.bytes_sent = 0
+        self.control_sent = 0
+        self.high_water_sent = 0
+        self.nacks_received = 0
+        self.retransmitted = 0
+        self.retransmit_held = 0
+        self.gone_answered = 0
+        self.history_evicted = 0
+        self.resync_buckets = 0
+        self.resync_records = 0
+        self.stale_local = 0
+
+    # -- ownership ---------------------------------------------------------------------------
+
+    def claim(self, bucket: int, owner_epoch: int) -> None:
+        """From now on this node writes ``bucket`` with ``owner_epoch``."""
+        if not 0 <= bucket < self._p.buckets or not 0 <= owner_epoch <= U32:
+            raise LocalProtocolError(f"bad bucket {bucket} or owner_epoch {owner_epoch}")
+        self._store.raise_epoch(bucket, owner_epoch)
+        self._owned[bucket] = owner_epoch
+
+    def release(self, bucket: int) -> None:
+        """Stop writing ``bucket`` (its entries stay in the store)."""
+        self._owned.pop(bucket, None)
+
+    @property
+    def owned(self) -> dict[int, int]:
+        return dict(self._owned)
+
+    # -- local changes -----------------------------------------------------------------------
+
+    def update(self, kind: int, bucket: int, key: bytes, record: bytes, now: float) -> Outcome:
+        """Store and queue a flow (``kind`` FLOW) or expectation update of an owned bucket."""
+        epoch = self._owned.get(bucket)
+        if epoch is None:
+            raise LocalProtocolError(f"bucket {bucket} is not owned by node {self.node_id}")
+        if not 1 <= len(key) <= self._p.max_key:
+            raise LocalProtocolError("key length out of range")
+        part = self._packer.pack([_UPDATE_KIND[kind], bucket, epoch, key, record])
+        if len(part) > self._budget:
+            raise LocalProtocolError(f"record of {len(record)} bytes does not fit a datagram")
+        outcome = self._store.put(kind, bucket, epoch, key, record)
+        if outcome is Outcome.APPLIED:
+            self._append(part, bucket, now)
+            self.records_sent += 1
+        elif outcome is Outcome.STALE:
+            self.stale_local += 1
+        return outcome
+
+    def delete(self, kind: int, bucket: int, key: bytes, now: float) -> Outcome:
+        """Remove and queue the delete of a flow or expectation of an owned bucket."""
+        epoch = self._owned.get(bucket)
+        if epoch is None:
+            raise LocalProtocolError(f"bucket {bucket} is not owned by node {self.node_id}")
+        if not 1 <= len(key) <= self._p.max_key:
+            raise LocalProtocolError("key length out of range")
+        outcome = self._store.delete(kind, bucket, epoch, key)
+        if outcome is Outcome.APPLIED:
+            self._append(self._packer.pack([_DELETE_KIND[kind], bucket, epoch, key]), bucket,
+                         now)
+            self.records_sent += 1
+        else:
+            self.stale_local += 1
+        return outcome
+
+    def queue_digests(self, buckets: Iterable[int], now: float) -> int:
+        """Queue in-stream digests of owned buckets; the number queued."""
+        n = 0
+        for b in buckets:
+            epoch = self._owned.get(b)
+            if epoch is None:
+                continue
+            count, digest = self._store.digest(b)
+            self._append(encode_message(BucketDigest(b, epoch, count, digest)), b, now)
+            n += 1
+        return n
+
+    def flush(self, now: float) -> None:
+        """Seal the open datagram now."""
+        if self._parts:
+            self._seal(now)
+
+    # -- grouping and history ----------------------------------------------------------------
+
+    def _append(self, part: bytes, bucket: int, now: float) -> None:
+        if self._size + len(part) > self._budget and self._parts:
+            self._seal(now)
+        self._parts.append(part)
+        self._size += len(part)
+        self._buckets.add(bucket)
+        if self._flush_at is None:
+            self._flush_at = now + self._p.flush_delay
+
+    def _seal(self, now: float) -> None:
+        seq = self._seq
+        self._seq += 1
+        header = HEADER.pack(MAGIC, VERSION, TYPE_DATA, self.node_id, self._keyring.current, 0,
+                             self.incarnation, seq & U32, self._oldest & U32)
+        signed = header + array_header(len(self._parts)) + b"".join(self._parts)
+        datagram = signed + self._keyring.sign(signed)
+        self._parts = []
+        self._size = 0
+        self._flush_at = None
+        self._history[seq] = datagram
+        self._history_buckets[seq] = self._buckets
+        self._buckets = set()
+        self._history_size += len(datagram)
+        self._evict()
+        self._out.append(datagram)
+        self.datagrams_sent += 1
+        self.bytes_sent += len(datagram)
+        self._hwm_interval = self._p.idle
+        self._hwm_at = now + self._p.idle
+
+    def _evict(self) -> None:
+        p = self._p
+        while len(self._history) > p.history_datagrams or (
+                self._history_size > p.history_bytes and len(self._history) > 1):
+            seq = next(iter(self._history))
+            self._history_size -= len(self._history.pop(seq))
+            buckets = self._history_buckets.pop(seq)
+            self._retx_at.pop(seq, None)
+            self._gone_chunks.setdefault(seq >> _CHUNK_SHIFT, set()).update(buckets)
+            while len(self._gone_chunks) > p.gone_memory_chunks:
+                chunk = next(iter(self._gone_chunks))
+                del self._gone_chunks[chunk]
+                self._gone_floor = (chunk + 1) << _CHUNK_SHIFT
+            self._oldest = seq + 1
+            self.history_evicted += 1
+
+    # -- NACKs and resync requests -----------------------------------------------------------
+
+    def on_nack(self, incarnation: int, ranges: tuple[tuple[int, int], ...],
+                now: float) -> None:
+        """Answer a NACK addressed to this node (from history, or with Gone)."""
+        self.nacks_received += 1
+        if incarnation != self.incarnation:
+            return  # for our previous life: its receivers resync on our new incarnation
+        gone: list[tuple[int, int]] = []
+        gone_buckets: set[int] | None = set()
+        for wire_start, count in ranges:
+            start = max(unwrap(wire_start, self._seq), FIRST_SEQ)
+            stop = min(start + count, self._seq)
+            if start >= stop:
+                continue
+            if start < self._oldest:
+                gstop = min(stop, self._oldest)
+                gone.append((start, gstop - start))
+                gone_buckets = self._gone_buckets_of(start, gstop, gone_buckets)
+                start = gstop
+            for seq in range(start, stop):
+                datagram = self._history[seq]
+                if self._retx_at.get(seq, -1e300) + self._p.retransmit_holdoff > now:
+                    self.retransmit_held += 1
+                    continue
+                self._retx_at[seq] = now
+                self._out.append(datagram)
+                self.retransmitted += 1
+        if gone:
+            self.gone_answered += 1
+            buckets = None if gone_buckets is None else tuple(sorted(gone_buckets))
+            self.queue_control(Gone(tuple(gone), buckets))
+            self.enqueue_resync(self._owned if buckets is None else buckets, None, 0, now)
+
+    def _gone_buckets_of(self, start: int, stop: int, acc: set[int] | None) -> set[int] | None:
+        if acc is None or start < self._gone_floor:
+            return None
+        first, last = start >> _CHUNK_SHIFT, (stop - 1) >> _CHUNK_SHIFT
+        if last - first < len(self._gone_chunks):
+            for chunk in range(first, last + 1):
+                acc |= self._gone_chunks.get(chunk, set())
+        else:
+            for chunk, buckets in self._gone_chunks.items():
+                if first <= chunk <= last:
+                    acc |= buckets
+        return acc
+
+    def on_resync_request(self, requester: int, token: int, buckets: tuple[int, ...],
+                          now: float) -> None:
+        """A peer asked for buckets (empty: all we own); answered paced, then ResyncDone."""
+        self.events.append(ResyncRequested(requester, token, buckets))
+        self.enqueue_resync(buckets or tuple(self._owned), requester, token, now)
+
+    def enqueue_resync(self, buckets: Iterable[int], requester: int | None, token: int,
+                       now: float) -> None:
+        waiter = _Waiter(requester, token, 0) if requester is not None else None
+        for b in sorted(set(buckets)):
+            if b not in self._owned:
+                continue
+            job = self._queued.get(b)
+            if job is None:
+                job = _ResyncJob(b)
+                self._queued[b] = job
+                self._jobs.append(job)
+            if waiter is not None:
+                job.waiters.append(waiter)
+                waiter.remaining += 1
+        if waiter is not None and waiter.remaining == 0:
+            self._append(encode_message(ResyncDone(waiter.requester, waiter.token)), 0, now)
+
+    def _refill(self, now: float) -> None:
+        p = self._p
+        self._tokens = min(float(p.resync_burst),
+                           self._tokens + max(0.0, now - self._tokens_at) * p.resync_rate)
+        self._tokens_at = now
+
+    def _pump_resync(self, now: float) -> None:
+        self._refill(now)
+        while self._jobs and self._tokens >= 1.0:
+            job = self._jobs[0]
+            if job.keys is None:
+                self._queued.pop(job.bucket, None)
+                epoch = self._owned.get(job.bucket)
+                if epoch is None:  # released meanwhile: nothing to answer for it
+                    self._jobs.popleft()
+                    self._finish_waiters(job, now)
+                    continue
+                job.epoch = epoch
+                job.keys = self._store.keys(job.bucket)
+                self._append(encode_message(ResyncBegin(job.bucket, epoch)), job.bucket, now)
+                self._tokens -= 1.0
+                self.resync_buckets += 1
+            keys = job.keys
+            while job.index < len(keys) and self._tokens >= 1.0:
+                kind, key = keys[job.index]
+                job.index += 1
+                record = self._store.get(kind, job.bucket, key)
+                if record is None:
+                    continue  # deleted since the snapshot: its delete is already in the stream
+                self._append(self._packer.pack(
+                    [_UPDATE_KIND[kind], job.bucket, job.epoch, key, record]), job.bucket, now)
+                self._tokens -= 1.0
+                self.resync_records += 1
+            if job.index >= len(keys) and self._tokens >= 1.0:
+                count, digest = self._store.digest(job.bucket)
+                self._append(encode_message(ResyncEnd(job.bucket, job.epoch, count, digest)),
+                             job.bucket, now)
+                self._tokens -= 1.0
+                self._jobs.popleft()
+                self._finish_waiters(job, now)
+
+    def _finish_waiters(self, job: _ResyncJob, now: float) -> None:
+        for w in job.waiters:
+            w.remaining -= 1
+            if w.remaining == 0:
+                self._append(encode_message(ResyncDone(w.requester, w.token)), job.bucket, now)
+
+    # -- control datagrams -------------------------------------------------------------------
+
+    def queue_control(self, message: Message) -> None:
+        self._ctl_parts.append(encode_message(message))
+
+    def flush_control(self) -> None:
+        """Seal queued control messages into CONTROL datagrams, each led by a HighWater."""
+        if not self._ctl_parts:
+            return
+        hwm = encode_message(HighWater((self._seq - 1) & U32))
+        parts = self._ctl_parts
+        self._ctl_parts = []
+        batch: list[bytes] = [hwm]
+        size = len(hwm)
+        for part in parts:
+            if size + len(part) > self._budget and len(batch) > 1:
+                self._seal_control(batch)
+                batch, size = [hwm], len(hwm)
+            batch.append(part)
+            size += len(part)
+        self._seal_control(batch)
+
+    def _seal_control(self, parts: list[bytes]) -> None:
+        seq = self._ctl_seq
+        self._ctl_seq += 1
+        header = HEADER.pack(MAGIC, VERSION, TYPE_CONTROL, self.node_id, self._keyring.current,
+                             0, self.incarnation, seq & U32, self._oldest & U32)
+        signed = header + array_header(len(parts)) + b"".join(parts)
+        self._out.append(signed + self._keyring.sign(signed))
+        self.control_sent += 1
+
+    # -- timers ------------------------------------------------------------------------------
+
+    def get_timer(self) -> float | None:
+        t = self._hwm_at
+        if self._flush_at is not None and self._flush_at < t:
+            t = self._flush_at
+        if self._jobs:
+            need = max(0.0, 1.0 - self._tokens) / self._p.resync_rate
+            t = min(t, self._tokens_at + need)
+        return t
+
+    def handle_timer(self, now: float) -> None:
+        if self._jobs:
+            self._pump_resync(now)
+        if self._flush_at is not None and now >= self._flush_at:
+            self._seal(now)
+        if now >= self._hwm_at:
+            self._seal_control([encode_message(HighWater((self._seq - 1) & U32))])
+            self.high_water_sent += 1
+            self._hwm_interval = min(self._hwm_interval * 2, self._p.idle_max)
+            self._hwm_at = now + self._hwm_interval
+
+    def datagrams(self) -> list[bytes]:
+        """Datagrams to transmit, oldest first (the caller sends each to the whole group)."""
+        out = self._out
+        self._out = []
+        return out
+
+    @property
+    def last_seq(self) -> int:
+        return self._seq - 1
+
+    @property
+    def oldest(self) -> int:
+        return self._oldest
+
+    def statistics(self) -> SenderStatistics:
+        return SenderStatistics(
+            self._seq, self._oldest, self.records_sent, self.datagrams_sent, self.bytes_sent,
+            self.control_sent, self.high_water_sent, self.nacks_received, self.retransmitted,
+            self.retransmit_held, self.gone_answered, len(self._history), self._history_size,
+            self.history_evicted, len(self._jobs), self.resync_buckets, self.resync_records,
+            self.stale_local)
+

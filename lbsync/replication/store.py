@@ -1,0 +1,175 @@
+"""Per-bucket replica store: the protocol's model of every bucket's state, on every node.
+
+One :class:`BucketStore` per node holds, per bucket, ``key -> packed record`` for flows and for
+expectations, plus the bucket's current ``owner_epoch``. The owner writes its own buckets through
+the replication endpoint (so that what it sends and what it stores are one), receivers write
+replicated records into it, resync answers and digests are read from it. The daemon can use it
+directly as its standby store.
+
+Rules:
+- owner_epoch rule: a write (update, delete, resync marker) for bucket ``b`` with epoch ``e`` is
+  applied only if ``e >= epoch(b)``; applying it raises ``epoch(b)`` to ``e``. A late
+  retransmission from a former owner therefore never overwrites the new owner's state.
+- Bounded: at most ``max_entries`` entries in all; an insert beyond is refused and counted
+  (``refused_full``), never silently lost. Replacing or deleting is always possible.
+- Digest of a bucket: (count, sum mod 2**64 of BLAKE2b-64 over kind, key and record of every
+  entry): order independent, computed lazily and cached until the bucket changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import IntEnum
+from types import MappingProxyType
+
+_U64 = (1 << 64) - 1
+FLOW = 0
+EXPECTATION = 1
+
+
+class Outcome(IntEnum):
+    """Result of a store write."""
+
+    APPLIED = 0
+    STALE = 1  # owner_epoch below the bucket's current one
+    FULL = 2  # insert refused: store at its bound
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStatistics:
+    """Snapshot of a :class:`BucketStore`."""
+
+    entries: int
+    max_entries: int
+    refused_full: int
+    stale: int
+    applied: int
+
+
+def entry_hash(kind: int, key: bytes, record: bytes) -> int:
+    """BLAKE2b-64 of one entry (the digest's summand)."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(bytes((kind,)) + len(key).to_bytes(2, "big") + key)
+    h.update(record)
+    return int.from_bytes(h.digest(), "big")
+
+
+class BucketStore:
+    """Records by bucket and key, with owner epochs, a bound and digests."""
+
+    def __init__(self, buckets: int, *, max_entries: int = 2_000_000) -> None:
+        self.buckets = buckets
+        self.max_entries = max_entries
+        self._tables: tuple[list[dict[bytes, bytes]], list[dict[bytes, bytes]]] = (
+            [{} for _ in range(buckets)], [{} for _ in range(buckets)])
+        self._epochs = [0] * buckets
+        self._digests: list[tuple[int, int] | None] = [None] * buckets
+        self._entries = 0
+        self.refused_full = 0
+        self.stale = 0
+        self.applied = 0
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def epoch(self, bucket: int) -> int:
+        return self._epochs[bucket]
+
+    def flows(self, bucket: int) -> Mapping[bytes, bytes]:
+        return MappingProxyType(self._tables[FLOW][bucket])
+
+    def expectations(self, bucket: int) -> Mapping[bytes, bytes]:
+        return MappingProxyType(self._tables[EXPECTATION][bucket])
+
+    def get(self, kind: int, bucket: int, key: bytes) -> bytes | None:
+        return self._tables[kind][bucket].get(key)
+
+    def keys(self, bucket: int) -> list[tuple[int, bytes]]:
+        """Snapshot of a bucket's (kind, key) pairs."""
+        return ([(FLOW, k) for k in self._tables[FLOW][bucket]]
+                + [(EXPECTATION, k) for k in self._tables[EXPECTATION][bucket]])
+
+    def count(self, bucket: int) -> int:
+        return len(self._tables[FLOW][bucket]) + len(self._tables[EXPECTATION][bucket])
+
+    def __len__(self) -> int:
+        return self._entries
+
+    def digest(self, bucket: int) -> tuple[int, int]:
+        """(count, digest) of a bucket."""
+        cached = self._digests[bucket]
+        if cached is not None:
+            return cached
+        total = 0
+        for kind in (FLOW, EXPECTATION):
+            for key, record in self._tables[kind][bucket].items():
+                total += entry_hash(kind, key, record)
+        result = (self.count(bucket), total & _U64)
+        self._digests[bucket] = result
+        return result
+
+    def snapshot(self, bucket: int) -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
+        """Copies of a bucket's flows and expectations (tests, status)."""
+        return dict(self._tables[FLOW][bucket]), dict(self._tables[EXPECTATION][bucket])
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def raise_epoch(self, bucket: int, owner_epoch: int) -> Outcome:
+        """Apply the epoch rule for a marker without a record (resync begin, digest...)."""
+        cur = self._epochs[bucket]
+        if owner_epoch < cur:
+            self.stale += 1
+            return Outcome.STALE
+        self._epochs[bucket] = owner_epoch
+        return Outcome.APPLIED
+
+    def put(self, kind: int, bucket: int, owner_epoch: int, key: bytes,
+            record: bytes) -> Outcome:
+        if owner_epoch < self._epochs[bucket]:
+            self.stale += 1
+            return Outcome.STALE
+        self._epochs[bucket] = owner_epoch
+        table = self._tables[kind][bucket]
+        if key not in table:
+            if self._entries >= self.max_entries:
+                self.refused_full += 1
+                return Outcome.FULL
+            self._entries += 1
+        table[key] = record
+        self._digests[bucket] = None
+        self.applied += 1
+        return Outcome.APPLIED
+
+    def delete(self, kind: int, bucket: int, owner_epoch: int, key: bytes) -> Outcome:
+        if owner_epoch < self._epochs[bucket]:
+            self.stale += 1
+            return Outcome.STALE
+        self._epochs[bucket] = owner_epoch
+        if self._tables[kind][bucket].pop(key, None) is not None:
+            self._entries -= 1
+            self._digests[bucket] = None
+        self.applied += 1
+        return Outcome.APPLIED
+
+    def purge(self, bucket: int, keep: Iterable[tuple[int, bytes]]) -> int:
+        """Drop every entry of ``bucket`` not in ``keep``; the number dropped."""
+        keep_set = set(keep)
+        dropped = 0
+        for kind in (FLOW, EXPECTATION):
+            table = self._tables[kind][bucket]
+            for key in [k for k in table if (kind, k) not in keep_set]:
+                del table[key]
+                dropped += 1
+        if dropped:
+            self._entries -= dropped
+            self._digests[bucket] = None
+        return dropped
+
+    def clear_bucket(self, bucket: int) -> int:
+        """Drop a whole bucket (e.g. a test hook corrupting the store); the number dropped."""
+        return self.purge(bucket, ())
+
+    def statistics(self) -> StoreStatistics:
+        return StoreStatistics(self._entries, self.max_entries, self.refused_full, self.stale,
+                               self.applied)
