@@ -1,0 +1,573 @@
+"""ctnetlink adapter benchmark: decode, live read, dump and inject, each against a baseline.
+
+Run from the repository root as root: ``python -m tests.benchmarks.ctnetlink [--quick]``.
+It builds its own namespaces (prefix ``lbtb``) and removes them. The measured process is pinned
+to CPU 0 and the load generator to CPU 1 (one core each); rates are per CPU second of the
+measured process unless said otherwise. Baselines run in the same invocation:
+
+- offline decode of captured event bytes into the hot-path form (:class:`CtEvent`: key, bucket,
+  kind, l4proto, TCP state, status, packed record bytes) vs pyroute2's parser on the same bytes;
+- live read + mark filter + decode of an event stream vs ``conntrack -E`` on the same stream;
+- dump of 100k entries vs ``conntrack -L``;
+- inject of 100k entries with SNAT vs ``conntrack -R`` and conntrackd's commit (``conntrackd -c``
+  of an external cache holding the same 100k entries, filled over FTFW from a second conntrackd).
+
+Every line is a figure; the last line of stdout is one JSON object with all of them.
+``--generate N [--delete D] [--rounds R]`` is the load generator (a separate process): it
+creates N synthetic entries through ctnetlink in batches, deletes D of them, R times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lbsync.config import KernelConfig
+from lbsync.kernel import ctnetlink as C
+from lbsync.kernel.conntrack import ConntrackEvents, ConntrackRequests, open_netfilter_socket
+from lbsync.kernel.flowrecord import (
+    AF_INET,
+    AF_INET6,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    IPS_ASSURED,
+    IPS_CONFIRMED,
+    IPS_SEEN_REPLY,
+    IPS_SRC_NAT,
+    TCP_ESTABLISHED,
+    flow_key,
+    pack_fields,
+    unpack_fields,
+)
+from lbsync.kernel.netns import entered
+
+
+
+def snat_addr(i: int) -> bytes:
+    # the translated reply tuple must be unique too: the kernel hashes both directions
+    return bytes([198, 19, 255, 1 + i // 64000])
+
+
+def synthetic_records(n: int, *, seed: int = 1, nat_share: float = 0.5,
+                      v6_share: float = 0.1) -> list[bytes]:
+    """``n`` distinct packed records: TCP ESTABLISHED (half SNATed), UDP, some IPv6."""
+    rnd = random.Random(seed)
+    out = []
+    for i in range(n):
+        r = rnd.random()
+        sport = 1024 + (i % 60000)
+        mark = i % 64
+        if r < v6_share:
+            src = b"\x20\x01\x0d\xb8" + b"\0" * 8 + i.to_bytes(4, "big")
+            dst = b"\x20\x01\x0d\xb8\0\x01" + b"\0" * 9 + b"\x01"
+            status = IPS_CONFIRMED | IPS_SEEN_REPLY | IPS_ASSURED
+            out.append(pack_fields([1, AF_INET6, IPPROTO_TCP, [src, dst, sport, 443],
+                                    [dst, src, 443, sport], status, 600, mark, 0,
+                                    [TCP_ESTABLISHED, 7, 7, 0x23, 0x23], None, None, None,
+                                    None]))
+            continue
+        src = bytes([198, 18, (i >> 8) & 0xFF, i & 0xFF])
+        dst = bytes([198, 19, (i >> 16) & 0xFF, 1])
+        status = IPS_CONFIRMED | IPS_SEEN_REPLY | IPS_ASSURED
+        if r < v6_share + (1 - v6_share) * 0.75:
+            if rnd.random() < nat_share / 0.75:
+                status |= IPS_SRC_NAT
+                reply = [dst, snat_addr(i), 80, 1024 + (i % 64000)]
+            else:
+                reply = [dst, src, 80, sport]
+            out.append(pack_fields([1, AF_INET, IPPROTO_TCP, [src, dst, sport, 80], reply,
+                                    status, 600, mark, 0, [TCP_ESTABLISHED, 7, 7, 0x23, 0x23],
+                                    None, None, None, None]))
+        else:
+            out.append(pack_fields([1, AF_INET, IPPROTO_UDP, [src, dst, sport, 53],
+                                    [dst, src, 53, sport], status, 120, mark, 0, None, None,
+                                    None, None, None]))
+    return out
+
+
+def snat_records(n: int) -> list[bytes]:
+    """``n`` TCP ESTABLISHED entries, every one SNATed (the inject benchmark)."""
+    out = []
+    for i in range(n):
+        src = bytes([198, 18, (i >> 8) & 0xFF, i & 0xFF])
+        dst = bytes([198, 19, (i >> 16) & 0xFF, 1])
+        sport = 1024 + (i % 60000)
+        out.append(pack_fields([1, AF_INET, IPPROTO_TCP, [src, dst, sport, 80],
+                                [dst, snat_addr(i), 80, 1024 + (i % 64000)],
+                                IPS_CONFIRMED | IPS_SEEN_REPLY | IPS_ASSURED | IPS_SRC_NAT,
+                                600, i % 64, 0, [TCP_ESTABLISHED, 7, 7, 0x23, 0x23], None,
+                                None, None, None]))
+    return out
+
+
+def generate(n: int, delete: int, rounds: int, seed: int) -> None:
+    """Load generator: batched creates (and deletes) from this process's own socket."""
+    records = synthetic_records(n, seed=seed)
+    keys = [_key_of(r) for r in records[:delete]]
+    sock = open_netfilter_socket(rcvbuf=8 << 20, sndbuf=8 << 20)
+    seq = 1
+    for _ in range(rounds):
+        for start in range(0, n, 256):
+            chunk = records[start:start + 256]
+            seq = _send(sock, C.encode_create_batch(chunk, seq), seq + len(chunk))
+        for start in range(0, len(keys), 256):
+            chunk = keys[start:start + 256]
+            seq = _send(sock, C.encode_delete_batch(chunk, seq), seq + len(chunk))
+        if rounds > 1 and delete < n:
+            rest = [_key_of(r) for r in records[delete:]]
+            for start in range(0, len(rest), 256):
+                chunk = rest[start:start + 256]
+                seq = _send(sock, C.encode_delete_batch(chunk, seq), seq + len(chunk))
+    sock.close()
+
+
+def _key_of(record: bytes) -> bytes:
+    f = unpack_fields(record)
+    o = f[3]
+    return flow_key(f[1], f[2], f[8], o[0], o[1], o[2], o[3])
+
+
+def _send(sock: socket.socket, data: bytes, next_seq: int) -> int:
+    sock.send(data)
+    last = next_seq - 1
+    while True:
+        d = C.decode(sock.recv(1 << 17))
+        for ack in d.acks:
+            if ack.error:
+                raise SystemExit(f"generator: seq {ack.seq} failed with errno {ack.error}")
+        if any(a.seq == last for a in d.acks):
+            return next_seq
+
+
+# -- harness ----------------------------------------------------------------------------------
+
+FIGURES: dict[str, Any] = {}
+
+
+def figure(name: str, value: float, unit: str, *, baseline: str | None = None,
+           base_value: float | None = None, target: str | None = None,
+           higher_is_better: bool = True) -> None:
+    FIGURES[name] = {"value": round(value, 4), "unit": unit}
+    line = f"{name:34} {value:12,.1f} {unit}"
+    if baseline is not None and base_value:
+        ratio = value / base_value if higher_is_better else base_value / value
+        FIGURES[name].update(baseline=baseline, baseline_value=round(base_value, 4),
+                             ratio=round(ratio, 3))
+        line += f"   vs {baseline} {base_value:,.1f} -> ratio {ratio:.2f}"
+    if target is not None:
+        FIGURES[name]["target"] = target
+        line += f"   (target {target})"
+    print(line, flush=True)
+
+
+def sh(ns: str, cmd: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", "netns", "exec", ns, "sh", "-c", cmd], capture_output=True,
+                          text=True, check=True, **kw)
+
+
+class Namespaces:
+    def __init__(self) -> None:
+        self.prefix = f"lbtb{os.getpid() % 100000}"
+        self.names: list[str] = []
+
+    def add(self, short: str) -> str:
+        name = f"{self.prefix}-{short}"
+        subprocess.run(["ip", "netns", "add", name], check=True)
+        self.names.append(name)
+        subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"],
+                       check=True)
+        return name
+
+    def remove(self, name: str) -> None:
+        out = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True)
+        for pid in out.stdout.split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+        subprocess.run(["ip", "netns", "del", name], check=False)
+        if name in self.names:
+            self.names.remove(name)
+
+    def cleanup(self) -> None:
+        for n in list(self.names):
+            self.remove(n)
+
+
+def generator_cmd(ns: str, n: int, *, delete: int = 0, rounds: int = 1, seed: int = 1,
+                  cpu: int = 1) -> list[str]:
+    return ["ip", "netns", "exec", ns, "taskset", "-c", str(cpu), sys.executable, "-m",
+            "tests.benchmarks.ctnetlink", "--generate", str(n), "--delete", str(delete),
+            "--rounds", str(rounds), "--seed", str(seed)]
+
+
+def proc_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_now() -> float:
+    return time.process_time()
+
+
+# -- the measurements -------------------------------------------------------------------------
+
+
+def capture_events(ns_mgr: Namespaces, n: int) -> list[bytes]:
+    """Raw receive buffers of the events of n synthetic creates + n destroys."""
+    ns = ns_mgr.add("cap")
+    with entered(ns):
+        sock = open_netfilter_socket(rcvbuf=512 << 20, groups=(1, 2, 3))
+    subprocess.run(generator_cmd(ns, n, delete=n), check=True)
+    sock.setblocking(False)
+    bufs = []
+    while True:
+        try:
+            bufs.append(sock.recv(1 << 16))
+        except BlockingIOError:
+            break
+    sock.close()
+    ns_mgr.remove(ns)
+    return bufs
+
+
+def bench_offline(bufs: list[bytes], min_cpu: float) -> None:
+    decode = C.decode
+    count = 0
+    rounds = 0
+    t0 = cpu_now()
+    while True:
+        for b in bufs:
+            count += len(decode(b).events)
+        rounds += 1
+        if cpu_now() - t0 >= min_cpu:
+            break
+    ours = count / (cpu_now() - t0)
+    # pyroute2's generic parser on the same bytes (the oracle, not a hot path)
+    from pyroute2.netlink.nfnetlink.nfctsocket import nfct_msg
+    sample = bufs[:3000]
+    t0 = cpu_now()
+    parsed = 0
+    for b in sample:
+        m = nfct_msg(b)
+        m.decode()
+        m.get_attr("CTA_TUPLE_ORIG")
+        parsed += 1
+    theirs = parsed / (cpu_now() - t0)
+    figure("offline_decode_events_per_s", ours, "events/s", baseline="pyroute2 parser",
+           base_value=theirs, target=">= 100000")
+    FIGURES["offline_decode_events_per_s"]["events_decoded"] = count
+    FIGURES["offline_decode_events_per_s"]["representation"] = (
+        "CtEvent(kind,key,bucket,l4proto,tcp_state,status,record=packed msgpack,portid)")
+
+
+def bench_live(ns_mgr: Namespaces, n: int, rounds: int) -> None:
+    ns = ns_mgr.add("live")
+    total = 2 * n * rounds
+    done = asyncio.Event
+
+    async def ours() -> tuple[float, int, int]:
+        got = [0]
+        finished = done()
+        marks = frozenset(range(0, 64, 2))  # the filter keeps half the buckets
+
+        def on_events(evs: list[C.CtEvent]) -> None:
+            got[0] += len(evs)
+
+        with entered(ns):
+            reader = ConntrackEvents(on_events=on_events, marks=marks,
+                                     config=KernelConfig(event_buffer=512 << 20))
+        reader.start()
+        gen = await asyncio.create_subprocess_exec(*generator_cmd(ns, n, delete=n,
+                                                                  rounds=rounds))
+        c0 = cpu_now()
+        waiter = asyncio.ensure_future(gen.wait())
+        while True:
+            await asyncio.sleep(0.05)
+            st = reader.statistics()
+            if st.messages + 0 >= total or (waiter.done() and st.messages >= total):
+                break
+            if waiter.done():
+                await asyncio.sleep(0.5)
+                if reader.statistics().messages == st.messages:
+                    break
+        cpu = cpu_now() - c0
+        finished.set()
+        st = reader.statistics()
+        reader.close()
+        await waiter
+        return cpu, st.messages, st.enobufs
+
+    os.sched_setaffinity(0, {0})
+    cpu, msgs, enobufs = asyncio.run(ours())
+    # conntrack -E on the same stream, on the same core
+    with tempfile.NamedTemporaryFile(prefix="lbtb-ct-E-", delete=False) as tmp:
+        out_path = tmp.name
+    with open(out_path, "w") as out:
+        ce = subprocess.Popen(["ip", "netns", "exec", ns, "taskset", "-c", "0", "conntrack",
+                               "-E", "-b", str(512 << 20)], stdout=out,
+                              stderr=subprocess.DEVNULL)
+        time.sleep(0.3)
+        subprocess.run(generator_cmd(ns, n, delete=n, rounds=rounds), check=True)
+        time.sleep(1.0)
+        ce_cpu = proc_cpu(ce.pid)
+        ce.send_signal(signal.SIGINT)
+        ce.wait(timeout=10)
+    with open(out_path) as f:
+        lines = sum(1 for _ in f)
+    os.unlink(out_path)
+    ns_mgr.remove(ns)
+    figure("live_read_events_per_cpu_s", msgs / cpu, "events/s", baseline="conntrack -E",
+           base_value=lines / ce_cpu if ce_cpu else None, target=">= 60000")
+    FIGURES["live_read_events_per_cpu_s"].update(events=msgs, expected=total,
+                                                 enobufs=enobufs, cpu_s=round(cpu, 3),
+                                                 conntrack_E_lines=lines)
+
+
+def bench_dump(ns_mgr: Namespaces, n: int, repeats: int) -> None:
+    ns = ns_mgr.add("dump")
+    subprocess.run(generator_cmd(ns, n), check=True)
+
+    async def ours() -> list[float]:
+        with entered(ns):
+            req = ConntrackRequests(config=KernelConfig(slice_entries=4096))
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            got = await req.dump_all()
+            times.append(time.perf_counter() - t0)
+            assert len(got) == n, len(got)
+        req.close()
+        return times
+
+    times = asyncio.run(ours())
+    base = []
+    for _ in range(max(2, repeats // 2)):
+        t0 = time.perf_counter()
+        sh(ns, "taskset -c 0 conntrack -L > /dev/null 2>&1")
+        base.append(time.perf_counter() - t0)
+    ns_mgr.remove(ns)
+    med, bmed = sorted(times)[len(times) // 2], sorted(base)[len(base) // 2]
+    figure(f"dump_{n}_entries_s", med, "s", baseline="conntrack -L", base_value=bmed,
+           target="<= 1.5 (100k)", higher_is_better=False)
+    FIGURES[f"dump_{n}_entries_s"]["all_runs_s"] = [round(t, 3) for t in times]
+
+
+def bench_inject(ns_mgr: Namespaces, n: int, repeats: int) -> None:
+    records = snat_records(n)
+    rates = []
+    save_text = ""
+    for r in range(repeats):
+        ns = ns_mgr.add(f"inj{r}")
+
+        async def ours(ns: str = ns) -> tuple[float, int]:
+            with entered(ns):
+                req = ConntrackRequests()
+            t0 = time.perf_counter()
+            res = await req.inject(records)
+            dt = time.perf_counter() - t0
+            req.close()
+            return dt, res.succeeded
+
+        dt, ok = asyncio.run(ours())
+        assert ok == n, ok
+        rates.append(n / dt)
+        if r == 0:
+            save_text = sh(ns, "conntrack -L -o save 2>/dev/null").stdout
+        ns_mgr.remove(ns)
+    # conntrack -R: the same entries from conntrack's own save format
+    with tempfile.NamedTemporaryFile("w", prefix="lbtb-save-", delete=False) as f:
+        f.write(save_text)
+        save_path = f.name
+    ns = ns_mgr.add("injR")
+    t0 = time.perf_counter()
+    sh(ns, f"taskset -c 0 conntrack -R {save_path} > /dev/null 2>&1")
+    r_dt = time.perf_counter() - t0
+    loaded = int(sh(ns, "conntrack -C").stdout.strip() or 0)
+    ns_mgr.remove(ns)
+    os.unlink(save_path)
+    med = sorted(rates)[len(rates) // 2]
+    figure(f"inject_{n}_snat_entries_per_s", med, "entries/s", baseline="conntrack -R",
+           base_value=loaded / r_dt, target=">= 80000")
+    FIGURES[f"inject_{n}_snat_entries_per_s"].update(
+        all_runs=[round(x) for x in rates], conntrack_R_loaded=loaded)
+    commit = conntrackd_commit(ns_mgr, records)
+    if commit is not None:
+        rate, committed = commit
+        FIGURES[f"inject_{n}_snat_entries_per_s"].update(
+            conntrackd_commit_per_s=round(rate), conntrackd_committed=committed,
+            ratio_conntrackd=round(med / rate, 3))
+        print(f"{'':34} {'':12}            vs conntrackd -c {rate:,.0f}/s ({committed} entries)"
+              f" -> ratio {med / rate:.2f}", flush=True)
+
+
+CONNTRACKD_CONF = """
+Sync {{
+  Mode FTFW {{ }}
+  UDP {{
+    IPv4_address {me}
+    IPv4_Destination_Address {peer}
+    Port 3780
+    Interface {dev}
+    SndSocketBuffer 24985600
+    RcvSocketBuffer 24985600
+    Checksum on
+  }}
+}}
+General {{
+  Systemd off
+  HashSize 262144
+  HashLimit 524288
+  LogFile {dir}/log
+  LockFile {dir}/lock
+  UNIX {{ Path {dir}/ctl }}
+  NetlinkBufferSize 268435456
+  NetlinkBufferSizeMaxGrowth 536870912
+  NetlinkEventsReliable on
+  Filter From Userspace {{
+    Protocol Accept {{ TCP UDP }}
+    Address Ignore {{ IPv4_address 198.18.250.0/24 }}
+  }}
+}}
+"""
+
+
+def conntrackd_commit(ns_mgr: Namespaces, records: list[bytes]) -> tuple[float, int] | None:
+    """Fill conntrackd B's external cache from conntrackd A over FTFW, time ``conntrackd -c``."""
+    if shutil.which("conntrackd") is None:
+        return None
+    a, b = ns_mgr.add("cdA"), ns_mgr.add("cdB")
+    subprocess.run(["ip", "netns", "exec", a, "ip", "link", "add", "r0", "type", "veth",
+                    "peer", "name", "r1", "netns", b], check=True)
+    dirs = {}
+    procs = []
+    try:
+        for ns, dev, me, peer in ((a, "r0", "198.18.250.1", "198.18.250.2"),
+                                  (b, "r1", "198.18.250.2", "198.18.250.1")):
+            sh(ns, f"ip addr add {me}/24 dev {dev} && ip link set {dev} up")
+            sh(ns, "nft add table ip lbtbraw && nft add chain ip lbtbraw pre "
+                   "'{ type filter hook prerouting priority raw; }' && "
+                   "nft add chain ip lbtbraw out '{ type filter hook output priority raw; }' && "
+                   "nft add rule ip lbtbraw pre udp dport 3780 notrack && "
+                   "nft add rule ip lbtbraw out udp dport 3780 notrack")
+            d = tempfile.mkdtemp(prefix="lbtb-ctd-")
+            dirs[ns] = d
+            Path(d, "conf").write_text(CONNTRACKD_CONF.format(me=me, peer=peer, dev=dev, dir=d))
+            procs.append(subprocess.Popen(["ip", "netns", "exec", ns, "taskset", "-c", "1",
+                                           "chrt", "-o", "0", "conntrackd", "-C",
+                                           f"{d}/conf"], stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL))
+        time.sleep(1.0)
+
+        async def fill() -> None:
+            with entered(a):
+                req = ConntrackRequests()
+            res = await req.inject(records)
+            assert res.succeeded == len(records)
+            req.close()
+
+        asyncio.run(fill())
+        # wait until B's external cache holds everything
+        want = len(records)
+        deadline = time.monotonic() + 60
+        have = 0
+        while time.monotonic() < deadline:
+            st = subprocess.run(["ip", "netns", "exec", b, "conntrackd", "-C",
+                                 f"{dirs[b]}/conf", "-s", "cache"], capture_output=True,
+                                text=True).stdout
+            have = _external_entries(st)
+            if have >= want:
+                break
+            time.sleep(0.5)
+        t0 = time.perf_counter()
+        subprocess.run(["ip", "netns", "exec", b, "conntrackd", "-C", f"{dirs[b]}/conf", "-c"],
+                       capture_output=True, check=False, timeout=120)
+        # commit is asynchronous in some versions: wait until the kernel holds the entries
+        while time.monotonic() < deadline:
+            n = int(sh(b, "conntrack -C").stdout.strip() or 0)
+            if n >= have:
+                break
+            time.sleep(0.01)
+        dt = time.perf_counter() - t0
+        committed = int(sh(b, "conntrack -C").stdout.strip() or 0)
+        return committed / dt, committed
+    except (subprocess.SubprocessError, AssertionError, OSError) as e:
+        print(f"conntrackd baseline failed: {e}", file=sys.stderr)
+        return None
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        ns_mgr.remove(a)
+        ns_mgr.remove(b)
+        for d in dirs.values():
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _external_entries(stats: str) -> int:
+    block = stats.split("external cache", 1)
+    if len(block) < 2:
+        return 0
+    for line in block[1].splitlines():
+        if "current active connections" in line:
+            return int(line.split(":")[1].split()[0])
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes, < 60 s")
+    ap.add_argument("--generate", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--delete", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--rounds", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--seed", type=int, default=1, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.generate is not None:
+        generate(args.generate, args.delete, args.rounds, args.seed)
+        return 0
+    if os.geteuid() != 0:
+        print(json.dumps({"error": "needs root"}))
+        return 1
+    started = time.monotonic()
+    os.sched_setaffinity(0, {0})
+    n = 20_000 if args.quick else 100_000
+    ns_mgr = Namespaces()
+    steps: list[tuple[str, Callable[[], None]]] = []
+    bufs: list[bytes] = []
+
+    def offline() -> None:
+        bufs.extend(capture_events(ns_mgr, n))
+        bench_offline(bufs, 1.0 if args.quick else 5.0)
+
+    steps.append(("offline", offline))
+    steps.append(("live", lambda: bench_live(ns_mgr, n, 1 if args.quick else 3)))
+    steps.append(("dump", lambda: bench_dump(ns_mgr, n, 3 if args.quick else 5)))
+    steps.append(("inject", lambda: bench_inject(ns_mgr, n, 1 if args.quick else 5)))
+    try:
+        for _name, step in steps:
+            step()
+    finally:
+        ns_mgr.cleanup()
+    FIGURES["quick"] = args.quick
+    FIGURES["entries"] = n
+    FIGURES["wall_s"] = round(time.monotonic() - started, 1)
+    print(json.dumps(FIGURES, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
