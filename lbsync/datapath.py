@@ -9,7 +9,9 @@ node (the node id only appears in the header comment). What the ruleset does, ho
   ``replication.port`` on the replication interface) are not tracked.
 - ``prerouting`` (filter, priority mangle: after conntrack at -200, before DNAT at -100), for
   packets on the two cluster interfaces only: ``ct state invalid`` is dropped; a NEW connection
-  gets its bucket written into the ct mark, hashed from the OUTSIDE endpoint (source on the
+  gets its bucket written into the ct mark (the key expression is
+  :func:`hashing.jhash.nft_jhash_expr`, the one ``bucket_of`` reproduces), hashed from the OUTSIDE
+  endpoint (source on the
   outside interface, destination on the inside interface; address and port for TCP/UDP,
   address only otherwise), so both directions of a flow land in the same bucket on every node;
   a packet whose bucket is not in ``@owned`` is dropped, after ``ct event set 0`` silences the
@@ -34,6 +36,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from hashing.jhash import nft_jhash_expr
 from lbsync import nft
 from lbsync.config import (
     DEFAULT_CLUSTER_FILE,
@@ -48,7 +51,6 @@ from lbsync.config import (
 )
 
 Family = Literal[4, 6]
-Side = Literal["outside", "inside"]
 
 FAMILIES: tuple[Family, ...] = (4, 6)
 _NFPROTO = {4: "ipv4", 6: "ipv6"}
@@ -58,27 +60,6 @@ _L4 = "{ tcp, udp }"
 # ct event bits new..synproxy (0x001..0x800): the full mask, written as a number because nft
 # 1.0.6 rejects some of the names (DESIGN section 4).
 CT_EVENTS_ALL = 0xFFF
-
-
-# --------------------------------------------------------------------------------------------
-# The bucket key
-
-
-def nft_jhash_expr(family: int, side: str, l4: bool, buckets: int, seed: int) -> str:
-    """The nft expression computing a bucket: ``jhash ip saddr . th sport mod B seed S``.
-
-    Keyed by the outside endpoint: source on the outside interface, destination on the inside
-    interface; TCP/UDP add the port, other protocols hash the address only.
-    """
-    if family not in (4, 6):
-        raise ValueError(f"family must be 4 or 6, not {family!r}")
-    if side not in ("outside", "inside"):
-        raise ValueError(f"side must be 'outside' or 'inside', not {side!r}")
-    direction = "s" if side == "outside" else "d"
-    key = f"{_IPKW[family]} {direction}addr"
-    if l4:
-        key += f" . th {direction}port"
-    return f"jhash {key} mod {buckets} seed 0x{seed:x}"
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from hashing.jhash import bucket_of
 from lbsync import nft
 from lbsync.config import bucket_port_range, parse_cluster
 from lbsync.datapath import render_ruleset
@@ -209,6 +210,9 @@ except TimeoutError:
     print("timeout")
 """
 
+BUCKETS = 64
+SEED = 0x1234
+
 ADDRS = {
     4: {"client": "198.18.0.2", "outside": "198.18.0.1", "inside": "198.18.1.1",
         "server": "198.18.1.10", "len": 24},
@@ -230,8 +234,8 @@ def one_node(netns: NetnsSet, family: int) -> tuple[str, str, str, dict[str, Any
     netns.ns(s, ["ip", f"-{family}", "route", "add", "default", "via", a["inside"]])
     key = "net.ipv4.ip_forward" if family == 4 else "net.ipv6.conf.all.forwarding"
     netns.ns(fw, ["sysctl", "-qw", f"{key}=1"])
-    d = example_data(4)
-    d["cluster"]["hash_seed"] = 0x1234
+    d = example_data(BUCKETS)
+    d["cluster"]["hash_seed"] = SEED
     d["nodes"] = d["nodes"][:1]
     host_len = 32 if family == 4 else 128
     d["nat"] = [{"kind": "ingress_snat", "match_daddr": f"{a['server']}/{host_len}",
@@ -269,7 +273,7 @@ def test_one_node_bucket_ownership_snat_slice_and_input_guard(netns: NetnsSet,
         # node with nothing owned (a UDP datagram to the node makes the client resolve it).
         netns.ns(c, [sys.executable, "-c", UDP_SEND, a["client"], "39999", a["outside"], "9"])
         assert _neigh_reachable(netns, c, a["outside"]), "ND blocked by the ruleset"
-    nft.owned_transaction(range(4), [], fw)
+    nft.owned_transaction(range(BUCKETS), [], fw)
 
     sport = 40000
     got = udp_once(netns, c, s, a, sport)
@@ -277,8 +281,9 @@ def test_one_node_bucket_ownership_snat_slice_and_input_guard(netns: NetnsSet,
     marks = ct_marks(netns, fw, family)
     assert len(marks) == 1
     bucket = marks[0]
-    assert 0 <= bucket < 4
-    lo, hi = bucket_port_range(cfg.nat[0], 4, bucket)
+    # The kernel's bucket is the one the Python bucket function predicts.
+    assert bucket == bucket_of(a["client"], sport, buckets=BUCKETS, seed=SEED)
+    lo, hi = bucket_port_range(cfg.nat[0], BUCKETS, bucket)
     assert got[0] == a["inside"] and lo <= got[1] <= hi
 
     # The same flow with its bucket not owned: dropped, and no entry confirmed.
@@ -292,10 +297,11 @@ def test_one_node_bucket_ownership_snat_slice_and_input_guard(netns: NetnsSet,
         netns.ns(fw, "conntrack -F", check=False)
         forwarded = udp_once(netns, c, s, a, port)
         marks = ct_marks(netns, fw, family)
+        predicted = bucket_of(a["client"], port, buckets=BUCKETS, seed=SEED)
         if forwarded is not None:
-            assert marks and marks[0] != bucket
+            assert marks == [predicted] and predicted != bucket
             break
-        assert marks == []
+        assert marks == [] and predicted == bucket
     else:
         pytest.fail("no flow of an owned bucket was forwarded")
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from hashing.jhash import nft_jhash_expr
 from lbsync import nft
 from lbsync.config import (
     ClusterConfig,
@@ -21,7 +22,7 @@ from lbsync.config import (
     parse_cluster,
     parse_port_range,
 )
-from lbsync.datapath import build_chains, diff_listings, nft_jhash_expr, render_ruleset
+from lbsync.datapath import build_chains, diff_listings, render_ruleset
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "configs" / "cluster.toml"
@@ -106,26 +107,6 @@ def test_prerouting_order_guards_stamp_then_ownership() -> None:
     assert body[11] == "ct mark != @owned ct event set 0 drop"
     assert body[12] == "ct event set 0xfff"
     assert len(body) == 13
-
-
-@pytest.mark.parametrize(("family", "side", "l4", "expr"), [
-    (4, "outside", True, "jhash ip saddr . th sport mod 64 seed 0x1234"),
-    (4, "outside", False, "jhash ip saddr mod 64 seed 0x1234"),
-    (4, "inside", True, "jhash ip daddr . th dport mod 64 seed 0x1234"),
-    (6, "outside", True, "jhash ip6 saddr . th sport mod 64 seed 0x1234"),
-    (6, "inside", False, "jhash ip6 daddr mod 64 seed 0x1234"),
-])
-def test_jhash_key_forms(family: int, side: str, l4: bool, expr: str) -> None:
-    assert nft_jhash_expr(family, side, l4, 64, 0x1234) == expr
-
-
-def test_key_form_is_the_hashing_packages_when_it_exists() -> None:
-    jhash = pytest.importorskip("hashing.jhash")
-    for fam in (4, 6):
-        for side in ("outside", "inside"):
-            for l4 in (True, False):
-                assert nft_jhash_expr(fam, side, l4, 256, 0x6C627379) == \
-                    jhash.nft_jhash_expr(fam, side, l4, 256, 0x6C627379)
 
 
 def test_guards_and_notrack() -> None:
