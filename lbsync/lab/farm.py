@@ -259,17 +259,26 @@ def cluster_dict(prefix: str, nodes: int, *, ipv6: bool, buckets: int,
     }
 
 
-def initial_split(cfg: ClusterConfig) -> dict[int, tuple[int, ...]]:
-    """The static initial bucket split: node id -> buckets it owns.
+def initial_split(cfg: ClusterConfig) -> tuple[dict[int, tuple[int, ...]], str]:
+    """The static initial bucket split (node id -> buckets it owns) and how it was made.
 
-    Round-robin over the node ids in order (bucket b -> node_ids[b % N]); every bucket has
-    exactly one owner.
+    ``hashing.ownermap.assign`` over every node with its weight and no previous map (the map a
+    fresh cluster computes, epoch 1) when that module is there; otherwise round-robin over the
+    node ids (bucket b -> node_ids[b % N]). Either way every bucket has exactly one owner.
     """
     ids = sorted(cfg.node_ids)
     split: dict[int, list[int]] = {i: [] for i in ids}
-    for b in range(cfg.cluster.buckets):
-        split[ids[b % len(ids)]].append(b)
-    return {i: tuple(bs) for i, bs in split.items()}
+    try:
+        from hashing.ownermap import Member, View, assign
+    except ImportError:
+        for b in range(cfg.cluster.buckets):
+            split[ids[b % len(ids)]].append(b)
+        return {i: tuple(bs) for i, bs in split.items()}, "round-robin"
+    view = View.of(Member(node_id=n.id, weight=n.weight) for n in cfg.nodes)
+    owner_map = assign(view, cfg.cluster.buckets, None)
+    for b, owner in enumerate(owner_map.owners):
+        split[owner].append(b)
+    return {i: tuple(bs) for i, bs in split.items()}, "hashing.ownermap.assign"
 
 
 # --------------------------------------------------------------------------------------------
@@ -469,6 +478,7 @@ class Lab:
     cluster_config: ClusterConfig
     split: dict[int, tuple[int, ...]]
     created: float
+    split_method: str = "round-robin"
 
     # ---- names
 
@@ -611,8 +621,9 @@ class Lab:
         directory.mkdir(parents=True, exist_ok=False)
         (directory / CONFIG_FILE).write_text(to_toml(data))
         cfg = load_cluster(directory / CONFIG_FILE)
+        split, method = initial_split(cfg)
         lab = cls(prefix=prefix, nodes=nodes, ipv6=ipv6, buckets=buckets, directory=directory,
-                  cluster_config=cfg, split=initial_split(cfg), created=time.time())
+                  cluster_config=cfg, split=split, created=time.time(), split_method=method)
         try:
             t0 = time.monotonic()
             lab._build()
@@ -640,7 +651,8 @@ class Lab:
         return cls(prefix=prefix, nodes=int(state["nodes"]), ipv6=bool(state["ipv6"]),
                    buckets=int(state["buckets"]), directory=directory, cluster_config=cfg,
                    split={int(k): tuple(v) for k, v in state["split"].items()},
-                   created=float(state["created"]))
+                   created=float(state["created"]),
+                   split_method=str(state.get("split_method", "round-robin")))
 
     def state(self) -> dict[str, Any]:
         """What ``lab.json`` holds."""
@@ -654,6 +666,7 @@ class Lab:
                            "nodes": {str(i): self.node_ns(i) for i in self.node_ids}},
             "interfaces": self.ifaces,
             "addresses": {str(f): dataclasses.asdict(self.addr(f)) for f in self.families},
+            "split_method": self.split_method,
             "split": {str(k): list(v) for k, v in self.split.items()},
         }
 
