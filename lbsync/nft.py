@@ -242,6 +242,16 @@ def apply_text(text: str, kernel_chains: Sequence[ChainSpec],
             continue
         verb = "flush" if (kind, name) in new_sets else "delete"
         out.append(f"{verb} map {t} {name}")
+    # Declare and flush every chain of the text too, so the transaction replaces them even if
+    # one appeared in the kernel after it was read (another apply): rules are never appended
+    # to a chain that already has some.
+    for c in new_chains:
+        if c.type is not None and c.hook is not None and c.priority is not None:
+            out.append(f"add chain {t} {c.name} {{ type {c.type} hook {c.hook} "
+                       f"priority {c.priority}; policy accept; }}")
+        else:
+            out.append(f"add chain {t} {c.name}")
+        out.append(f"flush chain {t} {c.name}")
     return "\n".join(out) + "\n" + text
 
 

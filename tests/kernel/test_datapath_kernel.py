@@ -102,6 +102,10 @@ def test_apply_replaces_chains_and_keeps_owned(netns: NetnsSet) -> None:
     nft.apply_ruleset(text, ns)
     assert nft.list_table(ns, terse=True) == with_alive
     assert nft.list_owned(ns) == {2, 3, 7}
+    # Even with a stale view of the kernel (as if another apply raced this one), the text's
+    # own chains are replaced, not appended to.
+    nft.run_nft(["-f", "-"], netns=ns, input=nft.apply_text(text, [], []))
+    assert nft.list_table(ns, terse=True) == with_alive
 
     # Reshape: a chain with another priority, a stale base chain and bucket chains that go.
     netns.ns(ns, ["nft", "-f", "-"], input=(

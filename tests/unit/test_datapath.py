@@ -247,6 +247,27 @@ def test_apply_text_flushes_deletes_stale_and_never_touches_owned() -> None:
         "delete chain inet lbsync snat0_b7",
         "delete map inet lbsync old",
         "delete map inet lbsync gone",
+        "add chain inet lbsync raw_prerouting { type filter hook prerouting priority -300; "
+        "policy accept; }",
+        "flush chain inet lbsync raw_prerouting",
+        "add chain inet lbsync raw_output { type filter hook output priority -300; "
+        "policy accept; }",
+        "flush chain inet lbsync raw_output",
+        "add chain inet lbsync prerouting { type filter hook prerouting priority -150; "
+        "policy accept; }",
+        "flush chain inet lbsync prerouting",
+        "add chain inet lbsync input { type filter hook input priority 0; policy accept; }",
+        "flush chain inet lbsync input",
+        "add chain inet lbsync dstnat { type nat hook prerouting priority -100; "
+        "policy accept; }",
+        "flush chain inet lbsync dstnat",
+        "add chain inet lbsync srcnat { type nat hook postrouting priority 100; "
+        "policy accept; }",
+        "flush chain inet lbsync srcnat",
+        "add chain inet lbsync snat0_b0",
+        "flush chain inet lbsync snat0_b0",
+        "add chain inet lbsync snat0_b1",
+        "flush chain inet lbsync snat0_b1",
     ]
     assert out.endswith(text)
     assert "owned" not in "\n".join(pre) and "alive" not in "\n".join(pre)
