@@ -31,7 +31,8 @@ relative to the last state the interpreter saw for that instance):
 
 - peer instance ``lbsync-X`` (X != self) enters MASTER: this node now stands in for X, i.e. X
   stopped advertising (dead, its keepalived dead, or its own instance FAULT) ->
-  :class:`VrrpPeerDeclaredDead` (X).
+  :class:`VrrpPeerDeclaredDead` (X). It repeats if this node loses the position to its own
+  FAULT/STOP and takes it again: consumers treat it as idempotent.
 - peer instance ``lbsync-X`` goes from MASTER to BACKUP: X preempted its instance back ->
   :class:`VrrpPeerReturned` (X). From MASTER to FAULT/STOP: this node lost the position for its
   own reasons; no event (X did not return).

@@ -3,6 +3,7 @@ through lbsync's FIFO reader: steady state, a node's death, a node's own link fa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -113,10 +114,8 @@ def kill_keepalived(run_dir: Path) -> None:
             pid = int((run_dir / name).read_text().split()[0])
         except (FileNotFoundError, ValueError, IndexError):
             continue
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 @pytest.fixture
