@@ -9,12 +9,11 @@ node (the node id only appears in the header comment). What the ruleset does, ho
   ``replication.port`` on the replication interface) are not tracked.
 - ``prerouting`` (filter, priority mangle: after conntrack at -200, before DNAT at -100), for
   packets on the two cluster interfaces only: ``ct state invalid`` is dropped; a NEW connection
-  gets its bucket written into the ct mark (the key expression is
-  :func:`hashing.jhash.nft_jhash_expr`, the one ``bucket_of`` reproduces), hashed from the OUTSIDE
-  endpoint (source on the
+  gets its bucket written into the ct mark, hashed from the OUTSIDE endpoint (source on the
   outside interface, destination on the inside interface; address and port for TCP/UDP,
-  address only otherwise), so both directions of a flow land in the same bucket on every node;
-  a packet whose bucket is not in ``@owned`` is dropped, after ``ct event set 0`` silences the
+  address only otherwise), so both directions of a flow land in the same bucket on every node
+  (the key expression is :func:`hashing.jhash.nft_jhash_expr`, whose value
+  ``hashing.jhash.bucket_of`` reproduces); a packet whose bucket is not in ``@owned`` is dropped, after ``ct event set 0`` silences the
   events of its entry; owned packets restore the full event mask.
 - ``input``: NEW TCP/UDP arriving on a cluster interface for a local (shared) address is
   dropped, so non-owners' own stacks never reset flows they do not own.
