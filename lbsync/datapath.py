@@ -13,8 +13,9 @@ node (the node id only appears in the header comment). What the ruleset does, ho
   outside interface, destination on the inside interface; address and port for TCP/UDP,
   address only otherwise), so both directions of a flow land in the same bucket on every node
   (the key expression is :func:`hashing.jhash.nft_jhash_expr`, whose value
-  ``hashing.jhash.bucket_of`` reproduces); a packet whose bucket is not in ``@owned`` is dropped, after ``ct event set 0`` silences the
-  events of its entry; owned packets restore the full event mask.
+  ``hashing.jhash.bucket_of`` reproduces); a packet whose bucket is not in ``@owned`` is
+  dropped, after ``ct event set 0`` silences the events of its entry; owned packets restore
+  the full event mask.
 - ``input``: NEW TCP/UDP arriving on a cluster interface for a local (shared) address is
   dropped, so non-owners' own stacks never reset flows they do not own.
 - ``dstnat`` (priority dstnat): DNAT rules, for flows arriving on the outside interface.
