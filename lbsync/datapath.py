@@ -22,7 +22,8 @@ node (the node id only appears in the header comment). What the ruleset does, ho
 - ``srcnat`` (priority srcnat): ingress SNAT jumps through ``ct mark vmap`` to one chain per
   bucket (``snat<R>_b<B>``) holding that bucket's own port slice; egress SNAT uses the full
   port range.
-- ``set owned { type mark; }`` is always rendered empty: ownership is the daemon's.
+- ``set owned { type mark; flags timeout; }`` is always rendered empty: ownership is the
+  daemon's, and the daemon gives its elements its majority lease as timeout (self-fencing).
 
 The ct mark value IS the bucket number (0..B-1); the ct mark belongs to lbsync.
 """
@@ -237,6 +238,9 @@ def render_ruleset(cfg: ClusterConfig, node_id: int) -> str:
         f"table {nft.FAMILY} {nft.TABLE} {{",
         f"\tset {nft.OWNED_SET} {{",
         "\t\ttype mark",
+        # Elements carry the daemon's lease as their timeout (self-fencing: a hung daemon's
+        # node stops forwarding by itself); elements added without a timeout never expire.
+        "\t\tflags timeout",
         "\t}",
     ]
     for chain in build_chains(cfg):

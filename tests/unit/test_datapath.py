@@ -79,7 +79,7 @@ def test_render_rejects_a_node_not_in_the_cluster() -> None:
 def test_owned_set_is_always_empty() -> None:
     text = render_ruleset(parse_cluster(v6_data()), 3)
     m = re.search(r"^\tset owned {\n(.*?)^\t}", text, re.M | re.S)
-    assert m and [x.strip() for x in m.group(1).splitlines()] == ["type mark"]
+    assert m and [x.strip() for x in m.group(1).splitlines()] == ["type mark", "flags timeout"]
     assert "elements =" not in text
 
 
