@@ -8,8 +8,8 @@ Rules, per sender (a peer is identified by its node id and incarnation):
 - DATA: a sequence number below the expected one or already buffered is a duplicate, dropped
   before decoding. Out-of-order datagrams are kept in a reorder buffer of ``reorder_datagrams``
   (beyond it they are dropped, counted, and fetched again later). Delivery is in order only.
-- Gaps are NACKed after uniform(0, nack_delay); all gaps due within the next ``nack_delay`` go in
-  the same NACK. Hearing another receiver's NACK for a gap counts as sending it (suppression).
+- Gaps are NACKed after uniform(0, nack_delay); a node sends at most one NACK datagram per
+  ``nack_interval``, carrying every gap (of every sender) due before its next slot. Hearing another receiver's NACK for a gap counts as sending it (suppression).
   Retries back off exponentially up to ``nack_retry_max``. ``Gone`` skips the gap (the sender
   resyncs the affected buckets). A signed but malformed DATA datagram is skipped the same way
   and a full resync from its sender is requested.
@@ -150,6 +150,7 @@ class Receiver:
         self._requests: list[_Request] = []
         self._token = 0
         self._open: dict[int, _OpenResync] = {}
+        self._nack_slot = now  # no NACK datagram before this (one per nack_interval)
         self.control: list[Message] = []
         self.events: list[Event] = []
         self.datagrams_delivered = 0
@@ -437,12 +438,31 @@ class Receiver:
         base = min(self._p.nack_retry * (1 << min(attempts - 1, 16)), self._p.nack_retry_max)
         return base * self._rng.uniform(1.0, 1.5)
 
+    def _nack(self, peer: _Peer, now: float, horizon: float) -> None:
+        due = sorted(s for s, g in peer.missing.items() if g.due <= horizon)
+        ranges: list[tuple[int, int]] = []
+        for s in due:
+            gap = peer.missing[s]
+            gap.attempts += 1
+            gap.due = now + self._retry(gap.attempts)
+            if ranges and ranges[-1][0] + ranges[-1][1] == s:
+                ranges[-1] = (ranges[-1][0], ranges[-1][1] + 1)
+            else:
+                ranges.append((s, 1))
+        limit = self._limits.max_ranges
+        for i in range(0, len(ranges), limit):
+            chunk = tuple((s & U32, c) for s, c in ranges[i:i + limit])
+            self.control.append(Nack(peer.node, peer.incarnation, chunk))
+            self.nack_messages += 1
+        self.nacked_seqs += len(due)
+
     def get_timer(self) -> float | None:
         t: float | None = None
         for peer in self._peers.values():
             for gap in peer.missing.values():
-                if t is None or gap.due < t:
-                    t = gap.due
+                due = max(gap.due, self._nack_slot)
+                if t is None or due < t:
+                    t = due
             if not peer.silent:
                 d = peer.last_heard + self._p.silent_after
                 if t is None or d < t:
@@ -453,26 +473,16 @@ class Receiver:
         return t
 
     def handle_timer(self, now: float) -> None:
-        horizon = now + self._p.nack_delay
+        # When any gap is due, every gap (of any sender) due within the next nack_delay rides
+        # along: one NACK datagram instead of several.
+        anything_due = now >= self._nack_slot and any(
+            g.due <= now for p in self._peers.values() for g in p.missing.values())
+        horizon = now + self._p.nack_interval
+        if anything_due:
+            self._nack_slot = horizon
         for peer in self._peers.values():
-            if peer.missing and any(g.due <= now for g in peer.missing.values()):
-                # Everything due soon rides along: one NACK instead of several.
-                due = sorted(s for s, g in peer.missing.items() if g.due <= horizon)
-                ranges: list[tuple[int, int]] = []
-                for s in due:
-                    gap = peer.missing[s]
-                    gap.attempts += 1
-                    gap.due = now + self._retry(gap.attempts)
-                    if ranges and ranges[-1][0] + ranges[-1][1] == s:
-                        ranges[-1] = (ranges[-1][0], ranges[-1][1] + 1)
-                    else:
-                        ranges.append((s, 1))
-                limit = self._limits.max_ranges
-                for i in range(0, len(ranges), limit):
-                    chunk = tuple((s & U32, c) for s, c in ranges[i:i + limit])
-                    self.control.append(Nack(peer.node, peer.incarnation, chunk))
-                    self.nack_messages += 1
-                self.nacked_seqs += len(due)
+            if anything_due and peer.missing:
+                self._nack(peer, now, horizon)
             if not peer.silent and now >= peer.last_heard + self._p.silent_after:
                 peer.silent = True
                 self.events.append(SenderSilent(peer.node, peer.last_heard))
