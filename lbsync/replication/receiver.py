@@ -9,7 +9,8 @@ Rules, per sender (a peer is identified by its node id and incarnation):
   before decoding. Out-of-order datagrams are kept in a reorder buffer of ``reorder_datagrams``
   (beyond it they are dropped, counted, and fetched again later). Delivery is in order only.
 - Gaps are NACKed after uniform(0, nack_delay); a node sends at most one NACK datagram per
-  ``nack_interval``, carrying every gap (of every sender) due before its next slot. Hearing another receiver's NACK for a gap counts as sending it (suppression).
+  ``nack_interval``, carrying every gap (of every sender) due before its next slot. Hearing
+  another receiver's NACK for a gap counts as sending it (suppression).
   Retries back off exponentially up to ``nack_retry_max``. ``Gone`` skips the gap (the sender
   resyncs the affected buckets). A signed but malformed DATA datagram is skipped the same way
   and a full resync from its sender is requested.

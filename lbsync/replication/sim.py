@@ -239,7 +239,6 @@ class Simulation:
                 heapq.heappush(self._heap, (t, self._n, dst, data))
 
     def _count_nacks(self, data: bytes) -> None:
-        _m, _v, _t, src, _k, _f, _inc, _seq, _o = HEADER.unpack_from(data)
         try:
             messages = decode_body(data[HEADER_LEN:-MAC_LEN], data[3], self._limits)
         except RemoteProtocolError:
