@@ -297,9 +297,9 @@ def main() -> None:
             continue
         seen[form] = seen.get(form, 0) + 1
         b, seed = COMBOS[f.combo]
-        form = "inside" if f.key_addr == f.dst else "outside"
+        side = "inside" if f.key_addr == f.dst else "outside"
         print(f"    ({f.key_addr!r}, {f.key_port!r}, {b:#x}, {seed:#010x}, "
-              f"{marks[flow_id(f)]}),  # {f.proto} {form}")
+              f"{marks[flow_id(f)]}),  # {f.proto} {side}")
 
 
 if __name__ == "__main__":
