@@ -329,6 +329,7 @@ def render_incumbent_keepalived_conf(cfg: ClusterConfig, node_id: int, *, notify
         f"    router_id incumbent-{cfg.cluster.name}-{node_id}",
         "    vrrp_version 3",
         "    script_user root",
+        "    enable_script_security",
         "}",
         "",
         f"vrrp_sync_group {INCUMBENT_GROUP} {{",
