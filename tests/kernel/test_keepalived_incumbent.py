@@ -118,9 +118,12 @@ def test_incumbent_conntrackd_and_keepalived_failover(netns: NetnsSet, tmp_path:
             with open(dirs[i] / "conntrackd.out", "wb") as out:
                 ctd[i] = netns.popen(names[i], conntrackd_argv(str(confs[i])), stdout=out,
                                      stderr=subprocess.STDOUT)
+        def answers(i: int) -> Callable[[], bool]:
+            return lambda: netns.ns(names[i], ["conntrackd", "-C", str(confs[i]), "-s"],
+                                    check=False).returncode == 0
+
         for i in (1, 2):
-            wait_for(lambda i=i: netns.ns(names[i], ["conntrackd", "-C", str(confs[i]), "-s"],
-                                          check=False).returncode == 0, f"conntrackd {i}")
+            wait_for(answers(i), f"conntrackd {i}")
             assert Path(conntrackd_paths(str(dirs[i]), i)["lock"]).exists()
 
         # conntrackd runs SCHED_RR by default; the lab can demote it for fair comparisons
