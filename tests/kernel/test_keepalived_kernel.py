@@ -221,8 +221,9 @@ def test_keepalived_signals_peer_death_and_own_link_failure(lab: Any) -> None:
                             timeout=deadline)
     logs[1].wait(lambda r: r["event"] == "VrrpInstanceChanged" and r["node_id"] == 1
                  and r["state"] == "MASTER", since=marks[1], timeout=deadline)
-    print(f"\nkeepalived advert_int {advert}: peer death -> VrrpPeerDeclaredDead {detect_dead:.3f} s; "
-          f"link down -> VrrpOwnLinkFailed {detect_fault:.3f} s, peer takes the instance "
+    print(f"\nkeepalived advert_int {advert}: peer death -> VrrpPeerDeclaredDead "
+          f"{detect_dead:.3f} s; link down -> VrrpOwnLinkFailed {detect_fault:.3f} s, "
+          f"peer takes the instance "
           f"{detect_takeover:.3f} s; link up -> VrrpOwnLinkRecovered "
           f"{recovered['t'] - t2:.3f} s, VrrpPeerReturned {returned['t'] - t2:.3f} s")
     assert detect_dead < deadline
