@@ -869,12 +869,15 @@ def _rel(t: float | None, t0: float) -> float | None:
 
 
 def alive_over_time(report: dict[str, Any], step: float = 0.1) -> list[tuple[float, int]]:
-    """Flows answering at each instant of the sending period: a flow counts as alive at ``t``
-    unless ``t`` falls inside one of its gaps, before its first reply or after its last one.
-    (For drills: flows-alive-over-time plots and gap percentiles come from the timelines.)"""
+    """Flows answering at each instant of the sending period, from the moment every flow has
+    had its first reply: a flow counts as alive at ``t`` unless ``t`` falls inside one of its
+    gaps or more than ``alive_window`` after its last reply; a flow that never answered never
+    counts. (For drills: flows-alive-over-time plots come from the per-flow timelines.)"""
     start, stop = report["sending"]
     if start is None or stop is None:
         return []
+    firsts = [f["first_reply"] for f in report["per_flow"] if f["first_reply"] is not None]
+    start = max([start, *firsts])
     out: list[tuple[float, int]] = []
     t = start
     while t <= stop + 1e-9:
