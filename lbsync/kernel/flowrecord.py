@@ -292,40 +292,39 @@ class FlowRecord:
     @classmethod
     def from_fields(cls, f: list[Any]) -> FlowRecord:
         try:
-            family, l4proto = _int(f[1]), _int(f[2])
+            family, l4proto = _int(f[1], 255), _int(f[2], 255)
             orig, reply = _tuple(f[3], family), _tuple(f[4], family)
             tcp = sctp = dccp = None
             pi = f[9]
             if pi is not None:
-                vals = [_int(v) for v in pi]
                 if l4proto == IPPROTO_TCP:
-                    tcp = TcpInfo(*vals[:5])
+                    tcp = TcpInfo(*[_int(v, 255) for v in pi[:5]])
                 elif l4proto == IPPROTO_SCTP:
-                    sctp = SctpInfo(*vals[:3])
+                    sctp = SctpInfo(_int(pi[0], 255), _int(pi[1], U32), _int(pi[2], U32))
                 elif l4proto == IPPROTO_DCCP:
-                    dccp = DccpInfo(*vals[:3])
+                    dccp = DccpInfo(_int(pi[0], 255), _int(pi[1], 255), _int(pi[2], U64))
                 else:
                     raise RecordError(f"protoinfo for l4proto {l4proto}")
             sa = f[12]
             so = sr = None
             if sa is not None:
-                v = [_int(x) for x in sa]
+                v = [_int(x, U32) for x in sa[:6]]
                 so, sr = SeqAdj(v[0], v[1], v[2]), SeqAdj(v[3], v[4], v[5])
             master = None
             if f[13] is not None:
                 m = f[13]
-                master = ProtoTuple(_int(m[0]), _tuple(m[1:5], family))
+                master = ProtoTuple(_int(m[0], 255), _tuple(m[1:5], family))
             helper = f[10]
             labels = f[11]
-            if helper is not None and not isinstance(helper, str):
-                raise RecordError("helper must be a string")
+            if helper is not None and not (isinstance(helper, str) and helper.isascii()):
+                raise RecordError("helper must be an ASCII string")
             if labels is not None and not isinstance(labels, bytes):
                 raise RecordError("labels must be bytes")
-            timeout = None if f[6] is None else _int(f[6])
+            timeout = None if f[6] is None else _int(f[6], U32)
             return cls(family=family, l4proto=l4proto, orig=orig, reply=reply,
-                       status=_int(f[5]), timeout=timeout, mark=_int(f[7]), zone=_int(f[8]),
-                       tcp=tcp, sctp=sctp, dccp=dccp, helper=helper, labels=labels,
-                       seqadj_orig=so, seqadj_reply=sr, master=master)
+                       status=_int(f[5], U32), timeout=timeout, mark=_int(f[7], U32),
+                       zone=_int(f[8], 0xFFFF), tcp=tcp, sctp=sctp, dccp=dccp, helper=helper,
+                       labels=labels, seqadj_orig=so, seqadj_reply=sr, master=master)
         except (IndexError, TypeError, ValueError) as e:
             if isinstance(e, RecordError):
                 raise
@@ -352,9 +351,13 @@ def unpack_fields(data: bytes) -> list[Any]:
     return f
 
 
-def _int(v: Any) -> int:
-    if type(v) is not int:
-        raise RecordError(f"expected an integer, got {type(v).__name__}")
+U32 = 0xFFFFFFFF
+U64 = 0xFFFFFFFFFFFFFFFF
+
+
+def _int(v: Any, hi: int) -> int:
+    if type(v) is not int or not 0 <= v <= hi:
+        raise RecordError(f"expected an integer in 0..{hi}, got {v!r:.20}")
     return v
 
 
@@ -366,7 +369,7 @@ def _tuple(t: Any, family: int) -> FlowTuple:
     if not (isinstance(src, bytes) and isinstance(dst, bytes)
             and len(src) == alen and len(dst) == alen):
         raise RecordError("tuple addresses do not match the family")
-    return FlowTuple(src, dst, _int(t[2]), _int(t[3]))
+    return FlowTuple(src, dst, _int(t[2], 0xFFFF), _int(t[3], 0xFFFF))
 
 
 def parse_key(key: bytes) -> tuple[int, int, int, bytes, bytes, int, int]:
