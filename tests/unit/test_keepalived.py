@@ -381,3 +381,20 @@ def test_interpreter_event_order_invariants(seq: list[tuple[int, str]]) -> None:
                 assert node == 1
                 assert last.get("own", VrrpOwnLinkRecovered) is not type(ev)
                 last["own"] = type(ev)
+
+
+def test_interpreter_module_stays_sans_io() -> None:
+    """lbsync.keepalived imports no I/O, clock or event-loop module (the adapter does that)."""
+    import ast
+
+    import lbsync.keepalived as mod
+
+    tree = ast.parse(Path(mod.__file__).read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    forbidden = {"asyncio", "socket", "time", "os", "subprocess", "select", "pyroute2"}
+    assert imported & forbidden == set()
