@@ -5,8 +5,10 @@
   splits lines (a line longer than ``max_line`` is dropped up to its newline, and counted) and
   hands each line to the interpreter, delivering the resulting events to a callback. When the
   last writer closes the FIFO (keepalived stopped or died) it reports that to the interpreter
-  and reopens the FIFO: on Linux a freshly opened reader does not see a hang-up until a new
-  writer has come and gone, so the reopened FIFO waits quietly for the next keepalived.
+  and reopens the FIFO (recreating it if it was removed): on Linux a freshly opened reader does
+  not see a hang-up until a new writer has come and gone, so the reopened FIFO waits quietly for
+  the next keepalived. keepalived 2.2.7's VRRP child creates the FIFO (0600) if absent and opens
+  it read-write and non-blocking, so lines written before lbsync opens it wait in the pipe.
 - :func:`notify_handler` is the control-socket handler behind ``lbsync notify``.
 - ``python -m lbsync.vrrp_adapter --fifo F --self-id N --nodes 1,2,3`` prints one JSON object
   per event with a monotonic timestamp (for the lab and the kernel tests).
@@ -190,8 +192,9 @@ class FifoReader:
         self.close()
         self._emit(self.interpreter.notifier_closed())
         try:
+            ensure_fifo(self.path)  # someone may have removed it meanwhile
             self._open()
-        except FifoError as exc:
+        except OSError as exc:
             self._read_errors += 1
             log.error("vrrp_fifo.reopen_failed path=%s error=%s", self.path, exc)
 

@@ -101,6 +101,29 @@ def test_reader_lines_partial_writes_overlong_eof_and_reopen(tmp_path: Path) -> 
     asyncio.run(scenario())
 
 
+def test_reader_recreates_a_removed_fifo_on_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "vrrp.fifo"
+    events: list[VrrpEvent] = []
+
+    async def scenario() -> None:
+        reader = FifoReader(path, VrrpInterpreter(1, [1, 2]), events.append)
+        reader.start()
+        try:
+            w = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+            path.unlink()
+            os.close(w)
+            await until(lambda: reader.statistics().opens == 2)
+            assert stat.S_ISFIFO(os.stat(path).st_mode)
+            w = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+            os.write(w, b'INSTANCE "lbsync-2" MASTER 200\n')
+            os.close(w)
+            await until(lambda: VrrpPeerDeclaredDead(node_id=2) in events)
+        finally:
+            reader.close()
+
+    asyncio.run(scenario())
+
+
 def test_reader_sees_lines_written_before_it_opened(tmp_path: Path) -> None:
     """keepalived opens its end read-write, so it can write before lbsync reads."""
     path = tmp_path / "vrrp.fifo"
