@@ -41,7 +41,7 @@ class ProtocolParams:
     resync_timeout_max: float = 4.0
     silent_after: float = 3.0
     control_window: int = 1024
-    gone_memory_chunks: int = 4096  # remembers buckets of evicted datagrams, 256 per chunk
+    gone_memory: int = 32768  # evicted datagrams whose buckets are remembered (for Gone)
     max_key: int = 255
     auto_repair: bool = True  # a digest mismatch requests a resync of that bucket
 

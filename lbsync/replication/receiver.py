@@ -380,7 +380,6 @@ class Receiver:
     def _high_water(self, peer: _Peer, wire_last: int, wire_oldest: int, now: float) -> None:
         if not peer.synced:
             self._sync(peer, wire_last, wire_oldest, now)
-            return
         last = unwrap(wire_last, peer.next)
         if last + 1 > peer.end:
             peer.end = last + 1

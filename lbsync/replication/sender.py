@@ -6,7 +6,7 @@ Rules:
 - Every sealed DATA datagram is kept, byte for byte, in a retransmit history bounded in
   datagrams and in bytes; a NACK is answered from it (each sequence number at most once per
   ``retransmit_holdoff``). A NACKed number that left the history is answered with ``Gone``,
-  naming the buckets the lost datagrams touched (remembered per chunk of 256 numbers, bounded),
+  naming the buckets the lost datagrams touched (remembered for ``gone_memory`` datagrams),
   and those buckets are resynced.
 - Resync answers are streamed in the same sequenced stream (begin marker, updates read from
   the store at emission time, end marker with the digest), paced by a token bucket of
@@ -57,7 +57,6 @@ from lbsync.replication.wire import (
     unwrap,
 )
 
-_CHUNK_SHIFT = 8
 _UPDATE_KIND = {FLOW: K_FLOW_UPDATE, EXPECTATION: K_EXPECT_UPDATE}
 _DELETE_KIND = {FLOW: K_FLOW_DELETE, EXPECTATION: K_EXPECT_DELETE}
 
@@ -125,7 +124,7 @@ class Sender:
         self._history_buckets: dict[int, set[int]] = {}
         self._history_size = 0
         self._oldest = FIRST_SEQ
-        self._gone_chunks: dict[int, set[int]] = {}
+        self._gone_buckets: dict[int, tuple[int, ...]] = {}
         self._gone_floor = FIRST_SEQ
         self._retx_at: dict[int, float] = {}
         self._parts: list[bytes] = []
@@ -266,11 +265,11 @@ class Sender:
             self._history_size -= len(self._history.pop(seq))
             buckets = self._history_buckets.pop(seq)
             self._retx_at.pop(seq, None)
-            self._gone_chunks.setdefault(seq >> _CHUNK_SHIFT, set()).update(buckets)
-            while len(self._gone_chunks) > p.gone_memory_chunks:
-                chunk = next(iter(self._gone_chunks))
-                del self._gone_chunks[chunk]
-                self._gone_floor = (chunk + 1) << _CHUNK_SHIFT
+            self._gone_buckets[seq] = tuple(buckets)
+            if len(self._gone_buckets) > p.gone_memory:
+                forgotten = next(iter(self._gone_buckets))
+                del self._gone_buckets[forgotten]
+                self._gone_floor = forgotten + 1
             self._oldest = seq + 1
             self.history_evicted += 1
 
@@ -310,15 +309,9 @@ class Sender:
 
     def _gone_buckets_of(self, start: int, stop: int, acc: set[int] | None) -> set[int] | None:
         if acc is None or start < self._gone_floor:
-            return None
-        first, last = start >> _CHUNK_SHIFT, (stop - 1) >> _CHUNK_SHIFT
-        if last - first < len(self._gone_chunks):
-            for chunk in range(first, last + 1):
-                acc |= self._gone_chunks.get(chunk, set())
-        else:
-            for chunk, buckets in self._gone_chunks.items():
-                if first <= chunk <= last:
-                    acc |= buckets
+            return None  # forgotten: the receiver gets every bucket we own
+        for seq in range(start, stop):
+            acc.update(self._gone_buckets.get(seq, ()))
         return acc
 
     def on_resync_request(self, requester: int, token: int, buckets: tuple[int, ...],

@@ -1,0 +1,395 @@
+"""Sender and receiver cores wired by hand: grouping, history, NACK, gone, tail loss,
+reordering, incarnations, epochs, silence, suppression, digests."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+
+import pytest
+
+from lbsync.replication.auth import KeyRing
+from lbsync.replication.endpoint import ReplicationEndpoint
+from lbsync.replication.events import (
+    BucketResynced,
+    DatagramsGone,
+    DigestCompared,
+    Event,
+    MembershipReceived,
+    RecordsApplied,
+    SenderRestarted,
+    SenderResumed,
+    SenderSilent,
+)
+from lbsync.replication.params import ProtocolParams
+from lbsync.replication.store import FLOW, BucketStore
+from lbsync.replication.wire import (
+    HEADER_LEN,
+    MAC_LEN,
+    TYPE_CONTROL,
+    FlowUpdate,
+    Limits,
+    LocalProtocolError,
+    Nack,
+    decode_body,
+    parse_header,
+)
+
+KR = KeyRing({1: b"k" * 32}, 1)
+P = ProtocolParams(buckets=8)
+P_LIMITS = Limits(buckets=8)
+
+
+def ep(node: int, params: ProtocolParams = P, incarnation: int = 1, now: float = 0.0,
+       store: BucketStore | None = None) -> ReplicationEndpoint:
+    return ReplicationEndpoint(node_id=node, incarnation=incarnation, keyring=KR,
+                               params=params, now=now, rng=random.Random(node), store=store)
+
+
+def events(e: ReplicationEndpoint) -> list[Event]:
+    out = []
+    while (x := e.next_event()) is not None:
+        out.append(x)
+    return out
+
+
+def control_messages(datagrams: Iterable[bytes]) -> list[object]:
+    out: list[object] = []
+    for d in datagrams:
+        if parse_header(d).type == TYPE_CONTROL:
+            out.extend(decode_body(d[HEADER_LEN:-MAC_LEN], TYPE_CONTROL, P_LIMITS))
+    return out
+
+
+
+def run(nodes: list[ReplicationEndpoint], until: float, now: float,
+        drop: object = None) -> float:
+    """Deliver everything instantly between ``nodes`` and fire timers until ``until``."""
+    drop_fn = drop if callable(drop) else (lambda src, dst, d: False)
+    while True:
+        moved = True
+        while moved:
+            moved = False
+            for src in nodes:
+                for d in src.datagrams_to_send():
+                    moved = True
+                    for dst in nodes:
+                        if dst is not src and not drop_fn(src, dst, d):
+                            dst.datagram_received(d, now)
+        deadlines = [t for t in (n.get_timer() for n in nodes) if t is not None]
+        nxt = min(deadlines)
+        if nxt > until:
+            return until
+        now = max(now, nxt)
+        for n in nodes:
+            t = n.get_timer()
+            if t is not None and t <= now:
+                n.handle_timer(now)
+
+
+def test_grouping_by_size_and_by_delay() -> None:
+    a = ep(1)
+    a.claim(0, 1)
+    for i in range(30):
+        a.update_flow(0, b"k%d" % i, b"r" * 100, 0.0)
+    full = a.datagrams_to_send()
+    assert len(full) >= 2 and all(len(d) <= P.max_datagram for d in full)
+    assert all(len(d) > P.max_datagram - 150 for d in full)  # full ones are really full
+    assert a.get_timer() == pytest.approx(P.flush_delay)
+    a.handle_timer(P.flush_delay)
+    rest = a.datagrams_to_send()
+    assert len(rest) == 1
+    sent = sum(len(decode_body(d[HEADER_LEN:-MAC_LEN], 1, P_LIMITS)) for d in full + rest)
+    assert sent == 30
+
+
+def test_history_bounded_in_datagrams_and_bytes() -> None:
+    a = ep(1, ProtocolParams(buckets=8, history_datagrams=5, history_bytes=10**9))
+    a.claim(0, 1)
+    for i in range(20):
+        a.update_flow(0, b"k%d" % i, b"r" * 1000, 0.0)
+    a.flush(0.0)
+    s = a.statistics().sender
+    assert s.history_datagrams == 5 and s.oldest == s.next_seq - 5 and s.history_evicted == 15
+    b = ep(1, ProtocolParams(buckets=8, history_datagrams=1000, history_bytes=3000))
+    b.claim(0, 1)
+    for i in range(20):
+        b.update_flow(0, b"k%d" % i, b"r" * 1000, 0.0)
+    b.flush(0.0)
+    assert b.statistics().sender.history_bytes <= 3000
+
+
+def test_lost_datagram_nacked_and_retransmitted_byte_for_byte() -> None:
+    a, b = ep(1), ep(2)
+    a.claim(3, 1)
+    for i in range(40):
+        a.update_flow(3, b"k%d" % i, b"x" * 90, 0.0)
+    a.flush(0.0)
+    ds = a.datagrams_to_send()
+    for i, d in enumerate(ds):
+        if i != 1:
+            b.datagram_received(d, 0.0)
+    assert b.statistics().receiver.gaps_open == 1
+    assert not b.datagrams_to_send()  # the NACK waits a random delay (suppression)
+    t = b.get_timer()
+    assert t is not None and 0 < t <= P.nack_delay + P.nack_interval
+    b.handle_timer(t)
+    ctl = b.datagrams_to_send()
+    nacks = [m for m in control_messages(ctl) if isinstance(m, Nack)]
+    assert nacks and nacks[0].target == 1
+    for d in ctl:
+        a.datagram_received(d, t)
+    assert a.datagrams_to_send()[0] == ds[1]
+    b.datagram_received(ds[1], t)
+    assert b.store.snapshot(3) == a.store.snapshot(3)
+
+
+def test_out_of_order_is_kept_and_applied_in_order() -> None:
+    a, b = ep(1), ep(2)
+    a.claim(1, 1)
+    a.update_flow(1, b"k", b"v1", 0.0)
+    a.flush(0.0)
+    a.update_flow(1, b"k", b"v2", 0.001)
+    a.flush(0.001)
+    d1, d2 = a.datagrams_to_send()
+    b.datagram_received(d2, 0.002)
+    assert b.store.get(FLOW, 1, b"k") is None  # held in the reorder buffer, not applied
+    b.datagram_received(d1, 0.003)
+    assert b.store.get(FLOW, 1, b"k") == b"v2"
+    assert b.statistics().receiver.nacked_seqs == 0
+    b.datagram_received(d1, 0.004)
+    assert b.statistics().rejected["duplicate"] == 1
+
+
+def test_gone_falls_back_to_resync_of_the_affected_buckets_only() -> None:
+    params = ProtocolParams(buckets=8, history_datagrams=3)
+    a, b = ep(1, params), ep(2, params)
+    for bucket in range(8):
+        a.claim(bucket, 1)
+    for bucket in range(8):  # one populated bucket per datagram
+        for i in range(12):
+            a.update_flow(bucket, b"b%dk%d" % (bucket, i), b"r" * 100, 0.0)
+        a.flush(0.0)
+    ds = a.datagrams_to_send()
+    seq_of_bucket2 = [i for i, d in enumerate(ds) if b"b2k" in d]
+    for i, d in enumerate(ds):
+        if i not in seq_of_bucket2:
+            b.datagram_received(d, 0.0)
+    run([a, b], 2.0, 0.0)
+    ev = events(b)
+    gone = [e for e in ev if isinstance(e, DatagramsGone)]
+    assert gone and gone[0].buckets == (2,)
+    resynced = [e for e in ev if isinstance(e, BucketResynced)]
+    assert [e.bucket for e in resynced] == [2] and resynced[0].agreed
+    assert a.statistics().sender.resync_buckets == 1
+    for bucket in range(8):
+        assert b.store.snapshot(bucket) == a.store.snapshot(bucket)
+
+
+def test_tail_loss_high_water_mark_with_backoff() -> None:
+    a, b = ep(1), ep(2)
+    a.claim(0, 1)
+    a.update_flow(0, b"k", b"v", 0.0)
+    a.flush(0.0)
+    a.datagrams_to_send()  # the last (and only) datagram is lost
+    times = []
+    now = 0.0
+    for _ in range(7):
+        now = a.get_timer()  # type: ignore[assignment]
+        a.handle_timer(now)
+        times.append(round(now, 6))
+        a.datagrams_to_send()
+    gaps = [round(y - x, 6) for x, y in zip(times, times[1:], strict=False)]
+    assert times[0] == pytest.approx(P.idle)
+    assert gaps == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]  # doubles up to idle_max
+    # A receiver that hears only a high-water mark still notices and repairs the loss.
+    a.handle_timer(a.get_timer())  # type: ignore[arg-type]
+    for d in a.datagrams_to_send():
+        b.datagram_received(d, now)
+    run([a, b], now + 1.0, now)
+    assert b.store.get(FLOW, 0, b"k") == b"v"
+
+
+def test_owner_epoch_rule_over_the_wire() -> None:
+    old, new, c = ep(1), ep(2), ep(3)
+    old.claim(4, 1)
+    old.update_flow(4, b"k", b"old", 0.0)
+    old.flush(0.0)
+    late = old.datagrams_to_send()
+    new.claim(4, 2)
+    new.update_flow(4, b"k", b"new", 0.0)
+    new.flush(0.0)
+    for d in new.datagrams_to_send():
+        c.datagram_received(d, 0.0)
+    for d in late:  # the former owner's datagram arrives after the new owner's
+        c.datagram_received(d, 0.01)
+    assert c.store.get(FLOW, 4, b"k") == b"new"
+    assert c.statistics().receiver.records_stale == 1
+
+
+def test_new_incarnation_resyncs_and_drops_what_the_sender_no_longer_has() -> None:
+    a, b = ep(1), ep(2)
+    a.claim(0, 1)
+    a.update_flow(0, b"gone-while-down", b"v", 0.0)
+    a.update_flow(0, b"kept", b"v", 0.0)
+    now = run([a, b], 0.5, 0.0)
+    assert len(b.store) == 2
+    # Restart: the kernel still has "kept", "gone-while-down" expired meanwhile.
+    store = BucketStore(8)
+    a2 = ep(1, incarnation=2, now=now, store=store)
+    a2.claim(0, 1)
+    store.put(FLOW, 0, 1, b"kept", b"v")
+    a2.send_membership(1, b"hello", now)
+    now = run([a2, b], now + 2.0, now)
+    ev = events(b)
+    assert any(isinstance(e, SenderRestarted) and e.incarnation == 2 for e in ev)
+    assert b.store.snapshot(0) == ({b"kept": b"v"}, {})
+    # The old incarnation is now rejected.
+    a.update_flow(0, b"zombie", b"v", now)
+    a.flush(now)
+    for d in a.datagrams_to_send():
+        b.datagram_received(d, now)
+    assert b.statistics().rejected["old_incarnation"] >= 1
+    assert b.store.get(FLOW, 0, b"zombie") is None
+
+
+def test_silent_sender_is_reported_and_its_records_stay() -> None:
+    a, b = ep(1), ep(2)
+    a.claim(0, 1)
+    a.update_flow(0, b"k", b"v", 0.0)
+    now = run([a, b], 0.2, 0.0)
+    now = run([b], now + P.silent_after + 0.5, now)  # a is gone
+    ev = events(b)
+    silent = [e for e in ev if isinstance(e, SenderSilent)]
+    assert len(silent) == 1 and silent[0].sender == 1
+    assert b.store.get(FLOW, 0, b"k") == b"v"
+    assert b.statistics().receiver.silent_peers == 1
+    run([a, b], now + 0.1, now)
+    assert any(isinstance(e, SenderResumed) for e in events(b))
+
+
+def test_overheard_nack_suppresses_our_own() -> None:
+    a, b, c = ep(1), ep(2), ep(3)
+    a.claim(0, 1)
+    for i in range(30):
+        a.update_flow(0, b"k%d" % i, b"x" * 100, 0.0)
+    a.flush(0.0)
+    ds = a.datagrams_to_send()
+    for r in (b, c):
+        for i, d in enumerate(ds):
+            if i != 0:
+                r.datagram_received(d, 0.0)
+    tb, tc = b.get_timer(), c.get_timer()
+    assert tb is not None and tc is not None and tb != tc
+    first, second = (b, c) if tb < tc else (c, b)
+    first.handle_timer(min(tb, tc))
+    ctl = first.datagrams_to_send()
+    for d in ctl:
+        second.datagram_received(d, min(tb, tc))
+        a.datagram_received(d, min(tb, tc))
+    second.handle_timer(max(tb, tc))
+    assert not [m for m in control_messages(second.datagrams_to_send()) if isinstance(m, Nack)]
+    assert second.statistics().receiver.nacks_suppressed == 1
+    retx = a.datagrams_to_send()
+    assert retx == [ds[0]]
+
+
+def test_sender_answers_a_seq_once_per_holdoff() -> None:
+    a, b, c = ep(1), ep(2), ep(3)
+    a.claim(0, 1)
+    a.update_flow(0, b"k", b"v", 0.0)
+    a.flush(0.0)
+    a.datagrams_to_send()
+    a.handle_timer(P.idle)
+    hwm = a.datagrams_to_send()
+    for r in (b, c):
+        for d in hwm:
+            r.datagram_received(d, P.idle)
+    for r in (b, c):  # neither hears the other: both NACK
+        sent: list[bytes] = []
+        while not [m for m in control_messages(sent) if isinstance(m, Nack)]:
+            r.handle_timer(r.get_timer())  # type: ignore[arg-type]
+            sent = r.datagrams_to_send()
+        for d in sent:
+            a.datagram_received(d, P.idle + 0.01)
+    assert len(a.datagrams_to_send()) == 1
+    assert a.statistics().sender.retransmit_held == 1
+
+
+def test_digest_mismatch_repairs_only_that_bucket() -> None:
+    a, b = ep(1), ep(2)
+    for bucket in (0, 1):
+        a.claim(bucket, 1)
+        for i in range(5):
+            a.update_flow(bucket, b"b%dk%d" % (bucket, i), b"v", 0.0)
+    now = run([a, b], 0.5, 0.0)
+    b.store.clear_bucket(1)  # corrupted behind the protocol's back
+    a.send_digests([0, 1], now)
+    now = run([a, b], now + 2.0, now)
+    ev = events(b)
+    compared = {e.bucket: e.agreed for e in ev if isinstance(e, DigestCompared)}
+    assert compared == {0: True, 1: False}
+    assert [e.bucket for e in ev if isinstance(e, BucketResynced)] == [1]
+    assert b.store.snapshot(1) == a.store.snapshot(1)
+
+
+def test_reorder_buffer_is_bounded_and_overflow_refetched() -> None:
+    params = ProtocolParams(buckets=8, reorder_datagrams=4)
+    a, b = ep(1, params), ep(2, params)
+    a.claim(0, 1)
+    for i in range(10):
+        a.update_flow(0, b"k%d" % i, b"v", 0.0)
+        a.flush(0.0)
+    ds = a.datagrams_to_send()
+    for d in ds[1:]:
+        b.datagram_received(d, 0.0)
+    s = b.statistics().receiver
+    assert s.reorder_buffered <= 4 and s.reorder_overflow == 6
+    run([a, b], 1.0, 0.0)
+    assert b.store.snapshot(0) == a.store.snapshot(0)
+
+
+def test_full_store_refuses_and_counts() -> None:
+    a = ep(1)
+    b = ep(2, store=BucketStore(8, max_entries=3))
+    a.claim(0, 1)
+    for i in range(5):
+        a.update_flow(0, b"k%d" % i, b"v", 0.0)
+    run([a, b], 0.5, 0.0)
+    assert b.statistics().store.refused_full == 2 and len(b.store) == 3
+    assert b.statistics().receiver.records_refused == 2
+
+
+def test_records_applied_events_carry_the_changes() -> None:
+    a, b = ep(1), ep(2)
+    a.claim(0, 1)
+    a.update_flow(0, b"k", b"v", 0.0)
+    a.delete_flow(0, b"k", 0.0)
+    a.update_expectation(0, b"e", b"x", 0.0)
+    run([a, b], 0.1, 0.0)
+    applied = [e for e in events(b) if isinstance(e, RecordsApplied)]
+    assert len(applied) == 1 and applied[0].sender == 1
+    assert applied[0].changes[0] == FlowUpdate(0, 1, b"k", b"v")
+    assert len(applied[0].changes) == 3
+
+
+def test_membership_messages_pass_through() -> None:
+    a, b = ep(1), ep(2)
+    a.send_membership(3, b"view=1", 0.0)
+    for d in a.datagrams_to_send():
+        b.datagram_received(d, 0.0)
+    assert [e for e in events(b) if isinstance(e, MembershipReceived)] == [
+        MembershipReceived(1, 1, 3, b"view=1")]
+
+
+def test_local_misuse_is_a_local_error() -> None:
+    a = ep(1)
+    with pytest.raises(LocalProtocolError):
+        a.update_flow(0, b"k", b"v", 0.0)  # not owned
+    a.claim(0, 1)
+    with pytest.raises(LocalProtocolError):
+        a.update_flow(0, b"k", b"v" * 2000, 0.0)
+    with pytest.raises(LocalProtocolError):
+        a.update_flow(0, b"", b"v", 0.0)
+    with pytest.raises(LocalProtocolError):
+        ep(0)
