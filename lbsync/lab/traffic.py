@@ -1034,7 +1034,7 @@ class TrafficRun:
         argv = client_argv(lab, tcp=tcp, udp=udp, rate=rate, duration=duration, mode=mode,
                            families=families, egress_ports=egress_ports, max_rate=max_rate,
                            gap=gap, connect_timeout=connect_timeout, drain=drain,
-                           lookup=lookup, report=report, ready=ready)
+                           lookup=lookup, report=report, ready=ready, as_json=False)
         with open(output, "wb") as out:
             proc = lab.popen(lab.client_ns, argv, stdin=subprocess.DEVNULL, stdout=out,
                              stderr=out, start_new_session=True)
