@@ -3,6 +3,7 @@ reordering, incarnations, epochs, silence, suppression, digests."""
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Iterable
 
@@ -199,7 +200,7 @@ def test_tail_loss_high_water_mark_with_backoff() -> None:
         a.handle_timer(now)
         times.append(round(now, 6))
         a.datagrams_to_send()
-    gaps = [round(y - x, 6) for x, y in zip(times, times[1:], strict=False)]
+    gaps = [round(y - x, 6) for x, y in itertools.pairwise(times)]
     assert times[0] == pytest.approx(P.idle)
     assert gaps == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]  # doubles up to idle_max
     # A receiver that hears only a high-water mark still notices and repairs the loss.

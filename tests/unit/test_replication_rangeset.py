@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -25,6 +27,6 @@ def test_rangeset_matches_set_model(operations: list[tuple[bool, int, int]]) -> 
     assert all(v in rs for v in model)
     assert not any(v in rs for v in range(-5, 240) if v not in model)
     ranges = list(rs)
-    assert all(a.stop < b.start for a, b in zip(ranges, ranges[1:], strict=False))
+    assert all(a.stop < b.start for a, b in itertools.pairwise(ranges))
     if model:
         assert rs.bounds() == range(min(model), max(model) + 1)

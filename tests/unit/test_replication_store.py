@@ -39,8 +39,9 @@ def test_purge_keeps_only_touched() -> None:
     assert s.snapshot(0) == ({b"b": b"r"}, {b"a": b"e"}) and len(s) == 2
 
 
-entries = st.dictionaries(st.tuples(st.sampled_from([FLOW, EXPECTATION]), st.binary(min_size=1, max_size=8)),
-                          st.binary(max_size=16), max_size=30)
+entries = st.dictionaries(
+    st.tuples(st.sampled_from([FLOW, EXPECTATION]), st.binary(min_size=1, max_size=8)),
+    st.binary(max_size=16), max_size=30)
 
 
 @given(entries, st.randoms(use_true_random=False))
