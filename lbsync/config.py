@@ -229,7 +229,7 @@ def _convert(value: Any, tp: Any, source: str, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise ConfigError(source, key, f"must be a table, not {type(value).__name__}")
-        return _build(tp, value, source, key)
+        return _build(tp, value, source, key)  # type: ignore[arg-type]
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(source, key, f"must be true or false, not {value!r}")

@@ -1,0 +1,681 @@
+"""One firewall node's components wired together: the adapter layer of lbsyncd.
+
+No protocol or ownership decision is taken here: the replication endpoint
+(:mod:`lbsync.replication`) and the membership core (:mod:`lbsync.membership`) decide; this
+module stamps ``now`` (the loop's clock), feeds them kernel events, datagrams and timers, and
+carries out what they ask for in the kernel:
+
+- **Owner pipeline.** Conntrack events, filtered by mark to the buckets this node owns (the
+  filter reads :attr:`Node.owned` live) -> ``update_flow``/``delete_flow``. TCP entries are
+  replicated from ESTABLISHED on (a standby copy created as SYN_SENT never recovers:
+  DESIGN.md section 4); DESTROYs always.
+- **Standby copies.** Applied replicated records are created once in this node's kernel
+  (``inject``, exclusive create: an existing entry is never rewritten, its own tracking is at
+  least as fresh); replicated deletes remove them. :attr:`Node.in_kernel` remembers, per bucket,
+  the keys known to be in the kernel, so the takeover safety pass is a set difference, not a
+  100k-entry dump.
+- **Ownership in the kernel.** ``@owned`` holds what membership says this node may forward
+  (``forwarding(now)``), each element with the majority lease as its timeout: a hung daemon's
+  node stops forwarding by itself. Claims are commit-then-claim: the safety pass injects what
+  the store has and the kernel lacks, then one nft transaction adds the buckets.
+- **Planned stop.** ``leave(grace)``: peers hold our buckets for the grace; the kernel keeps
+  forwarding them (lease extended by the grace) and a state file lets the next start resume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import errno
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from hashing.ownermap import NO_OWNER, Member, OwnerMap, View, assign
+from lbsync.config import ClusterConfig, NodeConfig
+from lbsync.kernel.conntrack import Conntrack
+from lbsync.kernel.ctnetlink import KIND_DESTROY, CtEvent
+from lbsync.kernel.flowrecord import IPPROTO_TCP, TCP_ESTABLISHED, TCP_SYN_SENT2, FlowRecord
+from lbsync.membership import (
+    FenceRequired,
+    MapAdopted,
+    MapBootstrapNeeded,
+    Membership,
+    MembershipWireError,
+    OwnershipReleased,
+    PeerJoined,
+    PeerLeaving,
+    PeerLost,
+    PeerRestarted,
+    TakeoverDecided,
+    TargetMap,
+    Timing,
+    Unfenced,
+)
+from lbsync.membership import decode as decode_membership
+from lbsync.nftset import NftSetError, NftSetSocket, mark_key
+from lbsync.replication import FLOW, BucketStore, KeyRing, ProtocolParams, ReplicationEndpoint
+from lbsync.replication.events import (
+    BucketResynced,
+    DigestCompared,
+    Event,
+    MembershipReceived,
+    RecordRefused,
+    RecordsApplied,
+)
+from lbsync.replication.transport import ReplicationTransport, open_multicast, open_unicast
+from lbsync.replication.wire import FlowDelete, FlowUpdate
+
+log = logging.getLogger(__name__)
+
+STATE_DIR = Path("/var/lib/lbsync")
+MEMBERSHIP_SUBKIND = 1
+OWNED_SET = "owned"
+DIGEST_INTERVAL = 1.0
+LEAVE_GRACE = 10.0
+STARTUP_SETTLE = 1.0
+UNPACK_LIMITS = {"max_bin_len": 4096, "max_str_len": 256, "max_array_len": 512,
+                 "max_map_len": 64, "max_ext_len": 0}
+# TCP states a standby copy may be created in: past the opening handshake (not NONE,
+# SYN_SENT, SYN_RECV, SYN_SENT2), i.e. ESTABLISHED through CLOSE.
+_TCP_REPLICABLE = frozenset(range(TCP_ESTABLISHED, TCP_SYN_SENT2))
+
+
+def table_exists() -> bool:
+    """True when ``table inet lbsync`` with its ``owned`` set is loaded in this namespace."""
+    try:
+        with NftSetSocket() as s:
+            s.elements(OWNED_SET)
+    except (NftSetError, OSError):
+        return False
+    return True
+
+
+def load_keyring(path: str) -> KeyRing:
+    text = Path(path).read_text("utf-8")
+    return KeyRing.parse(text)
+
+
+class NodeState:
+    """Files that survive restarts: the incarnation counter and the planned-stop note."""
+
+    def __init__(self, cfg: ClusterConfig, node_id: int, state_dir: Path = STATE_DIR) -> None:
+        self.dir = Path(os.environ.get("LBSYNC_STATE_DIR", str(state_dir)))
+        self.base = self.dir / f"{cfg.cluster.name}-{node_id}"
+
+    def next_incarnation(self) -> int:
+        """Increment and persist the incarnation (never a clock: a counter)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.base.with_suffix(".incarnation")
+        try:
+            current = int(path.read_text().strip() or "0")
+        except (FileNotFoundError, ValueError):
+            current = 0
+        nxt = current + 1
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(f"{nxt}\n")
+        os.replace(tmp, path)
+        return nxt
+
+    def save_leave(self, owned: Iterable[int], until_monotonic: float) -> None:
+        path = self.base.with_suffix(".leave")
+        path.write_text(json.dumps({"owned": sorted(owned), "until": until_monotonic}))
+
+    def take_leave(self) -> tuple[frozenset[int], float] | None:
+        path = self.base.with_suffix(".leave")
+        try:
+            data = json.loads(path.read_text())
+            path.unlink()
+            return frozenset(int(b) for b in data["owned"]), float(data["until"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TakeoverLog:
+    """One takeover as the daemon carried it out (loop-clock seconds)."""
+
+    dead_node: int
+    buckets: tuple[int, ...]
+    decided_at: float
+    safety_pass_s: float
+    injected: int
+    claim_s: float
+    claimed: int
+    refused: int
+
+
+class Node:
+    """Everything one node runs; built by :func:`lbsync.daemon.serve` inside the loop."""
+
+    def __init__(self, *, life: Any, node_id: int) -> None:
+        self.life = life
+        self.cfg: ClusterConfig = life.cfg
+        self.node_id = node_id
+        self.me: NodeConfig = self.cfg.node(node_id)
+        self.loop = asyncio.get_running_loop()
+        self.B = self.cfg.cluster.buckets
+        now = self.loop.time()
+        self.started = now
+        self.state = NodeState(self.cfg, node_id)
+        self.incarnation = self.state.next_incarnation()
+        self.keyring = load_keyring(self.cfg.cluster.key_file)
+        self.params = ProtocolParams.from_config(self.cfg.replication, self.B)
+        self.store = BucketStore(self.B, max_entries=self.cfg.store.max_entries)
+        self.ep = ReplicationEndpoint(node_id=node_id, incarnation=self.incarnation,
+                                      keyring=self.keyring, params=self.params, now=now,
+                                      store=self.store)
+        self.nft = NftSetSocket()
+        resume = self._resume_ownership(now)
+        self.ms = Membership(node_id=node_id, nodes=self.cfg.node_ids, buckets=self.B,
+                             timing=Timing.from_config(self.cfg.membership),
+                             rng=random.Random(), now=now, incarnation=self.incarnation,
+                             resume_owned=resume, weight=self.me.weight, ready=False)
+        self.owned: set[int] = set(resume)
+        for b in resume:
+            self.ep.claim(b, 1)
+        self.kernel = Conntrack(on_events=self._on_kernel_events,
+                                on_resync=self._on_kernel_resync, config=self.cfg.kernel,
+                                marks=self.owned)
+        self.in_kernel: list[set[bytes]] = [set() for _ in range(self.B)]
+        self._to_inject: dict[bytes, int] = {}
+        self._to_delete: dict[bytes, int] = {}
+        self._kernel_work = asyncio.Event()
+        self.transport: ReplicationTransport | None = None
+        self._ms_timer: asyncio.TimerHandle | None = None
+        self._kernel_owned: set[int] = set()
+        self._lease_written = -math.inf
+        self._last_tick = now
+        self._resync_asked: set[int] = set()
+        self._ready_at: float | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.takeovers: deque[TakeoverLog] = deque(maxlen=32)
+        self.c: Counter[str] = Counter()
+        self.stopping = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _resume_ownership(self, now: float) -> frozenset[int]:
+        """After a planned stop within its grace, keep forwarding what we owned; otherwise
+        start owning nothing (peers took over or will)."""
+        note = self.state.take_leave()
+        kernel = self.nft.marks(OWNED_SET)
+        if note is not None and time.monotonic() < note[1]:
+            keep = frozenset(b for b in note[0] if b in kernel and 0 <= b < self.B)
+            log.info("node.resume owned=%d", len(keep))
+            drop = kernel - keep
+        else:
+            keep = frozenset()
+            drop = kernel
+        if drop:
+            self.nft.update_marks(OWNED_SET, (), drop)
+        return keep
+
+    async def run(self) -> None:
+        r = self.cfg.replication
+        if r.mode == "multicast":
+            self.transport = await open_multicast(
+                self.ep, group=r.group4, port=r.port, ifname=self.cfg.interfaces.replication,
+                buffer=r.socket_buffer, on_event=self._on_replication_event)
+        else:
+            peers = [n.replication_address for n in self.cfg.nodes if n.id != self.node_id]
+            self.transport = await open_unicast(
+                self.ep, address=self.me.replication_address, port=r.port, peers=peers,
+                buffer=r.socket_buffer, on_event=self._on_replication_event)
+        self.kernel.start(self.loop)
+        if self.owned:
+            await self._announce_owned(sorted(self.owned))
+        self._membership_changed()
+        self._spawn(self._kernel_writer(), "kernel-writer")
+        self._schedule_digests()
+        log.info("node.started node=%d incarnation=%d buckets=%d", self.node_id,
+                 self.incarnation, self.B)
+        await self.transport.closed
+
+    async def shutdown(self) -> None:
+        """Planned stop: announce a grace, let peers echo it, extend the lease, remember."""
+        self.stopping = True
+        now = self.loop.time()
+        cap = self.ms.leave(LEAVE_GRACE, now)
+        self._membership_changed()
+        await asyncio.sleep(3 * self.ms.timing.heartbeat)
+        now = self.loop.time()
+        until = min(cap, now + LEAVE_GRACE) if math.isfinite(cap) else now + LEAVE_GRACE
+        owned = self.ms.forwarding(now)
+        if owned:
+            self._write_owned(owned, until, now)
+        self.state.save_leave(owned, time.monotonic() + (until - now))
+        self.ep.flush(now)
+        if self.transport is not None:
+            self.transport.pump()
+        for t in list(self._tasks):
+            t.cancel()
+        if self._ms_timer is not None:
+            self._ms_timer.cancel()
+        self.kernel.close()
+        if self.transport is not None:
+            self.transport.close()
+        self.nft.close()
+
+    def _spawn(self, coro: Awaitable[Any], name: str) -> None:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.error("node.task_failed task=%s error=%r", name, t.exception())
+                self.life.request_stop(f"task {name} failed: {t.exception()!r}")
+
+        task.add_done_callback(done)
+
+    # ------------------------------------------------------------------ owner pipeline
+
+    def _on_kernel_events(self, events: list[CtEvent]) -> None:
+        now = self.loop.time()
+        ep = self.ep
+        owned = self.owned
+        for ev in events:
+            if ev.bucket not in owned:
+                continue
+            if ev.kind == KIND_DESTROY:
+                ep.delete_flow(ev.bucket, ev.key, now)
+                self.in_kernel[ev.bucket].discard(ev.key)
+            elif ev.l4proto != IPPROTO_TCP or ev.tcp_state in _TCP_REPLICABLE:
+                ep.update_flow(ev.bucket, ev.key, ev.record, now)
+                self.in_kernel[ev.bucket].add(ev.key)
+            else:
+                self.c["owner_handshake_skipped"] += 1
+        self.c["owner_events"] += len(events)
+        if self.transport is not None:
+            self.transport.pump()
+
+    def _on_kernel_resync(self, table: list[CtEvent]) -> None:
+        """After lost events (ENOBUFS): the owned buckets' kernel table is the truth."""
+        now = self.loop.time()
+        by_bucket: dict[int, dict[bytes, bytes]] = {}
+        for ev in table:
+            if ev.bucket in self.owned:
+                by_bucket.setdefault(ev.bucket, {})[ev.key] = ev.record
+        for b in list(self.owned):
+            present = by_bucket.get(b, {})
+            for key in [k for k in self.store.flows(b) if k not in present]:
+                self.ep.delete_flow(b, key, now)
+            for key, rec in present.items():
+                if self.store.get(FLOW, b, key) != rec:
+                    self.ep.update_flow(b, key, rec, now)
+            self.in_kernel[b] = set(present)
+        self.c["kernel_resyncs"] += 1
+        if self.transport is not None:
+            self.transport.pump()
+
+    async def _announce_owned(self, buckets: list[int]) -> None:
+        """A restarted owner re-reads its buckets from its kernel and replicates them."""
+        table = await self.kernel.requests.dump_all()
+        self._on_kernel_resync(table)
+        self.ep.send_digests(buckets, self.loop.time())
+
+    # ------------------------------------------------------------------ standby copies
+
+    def _on_replication_event(self, ev: Event) -> None:
+        if isinstance(ev, RecordsApplied):
+            for ch in ev.changes:
+                if not isinstance(ch, (FlowUpdate, FlowDelete)) or ch.bucket in self.owned:
+                    continue
+                if isinstance(ch, FlowDelete):
+                    self._to_inject.pop(ch.key, None)
+                    if ch.key in self.in_kernel[ch.bucket]:
+                        self.in_kernel[ch.bucket].discard(ch.key)
+                        self._to_delete[ch.key] = ch.bucket
+                elif ch.key not in self.in_kernel[ch.bucket]:
+                    self._to_inject[ch.key] = ch.bucket
+            self._kernel_work.set()
+        elif isinstance(ev, MembershipReceived):
+            if ev.subkind != MEMBERSHIP_SUBKIND:
+                self.c["membership_unknown_subkind"] += 1
+                return
+            try:
+                msg = decode_membership(msgpack.unpackb(ev.payload, **UNPACK_LIMITS))
+            except (MembershipWireError, ValueError, TypeError, msgpack.UnpackException):
+                self.c["membership_malformed"] += 1
+                return
+            if msg.node_id != ev.sender:
+                self.c["membership_spoofed"] += 1
+                return
+            self.ms.receive(msg, self.loop.time())
+            self._membership_changed()
+        elif isinstance(ev, BucketResynced):
+            self.c["buckets_resynced"] += 1
+            if not ev.agreed:
+                self.c["resync_disagreed"] += 1
+            self._reconcile_bucket(ev.bucket)
+        elif isinstance(ev, DigestCompared):
+            self.c["digests_agreed" if ev.agreed else "digests_differed"] += 1
+        elif isinstance(ev, RecordRefused):
+            self.c["store_refused"] += 1
+        else:
+            self.c[f"replication_{type(ev).__name__}"] += 1
+
+    def _reconcile_bucket(self, bucket: int) -> None:
+        """After a resync replaced a bucket's store content, align the kernel copies."""
+        if bucket in self.owned:
+            return
+        flows = self.store.flows(bucket)
+        for key in [k for k in self.in_kernel[bucket] if k not in flows]:
+            self.in_kernel[bucket].discard(key)
+            self._to_delete[key] = bucket
+        for key in flows:
+            if key not in self.in_kernel[bucket]:
+                self._to_inject[key] = bucket
+        self._kernel_work.set()
+
+    async def _kernel_writer(self) -> None:
+        """Batched, sliced kernel writes of standby copies (never blocking the loop long)."""
+        slice_n = self.cfg.kernel.slice_entries
+        while True:
+            await self._kernel_work.wait()
+            self._kernel_work.clear()
+            while self._to_inject or self._to_delete:
+                if self._to_delete:
+                    keys = list(self._to_delete)[:slice_n]
+                    for k in keys:
+                        del self._to_delete[k]
+                    res = await self.kernel.requests.delete(keys)
+                    self.c["kernel_deleted"] += len(keys)
+                    for name, n in res.errno_counts().items():
+                        self.c[f"kernel_delete_{name}"] += n
+                if self._to_inject:
+                    await self._inject_some(slice_n)
+                await asyncio.sleep(0)
+
+    async def _inject_some(self, limit: int, only: Iterable[bytes] | None = None) -> int:
+        batch: list[tuple[bytes, int, bytes]] = []
+        source = list(only) if only is not None else list(self._to_inject)[:limit]
+        for key in source:
+            bucket = self._to_inject.pop(key, None)
+            if bucket is None:
+                continue
+            rec = self.store.get(FLOW, bucket, key)
+            if rec is None or (bucket in self.owned and only is None):
+                continue
+            if not _injectable(rec):
+                self.c["standby_not_yet_established"] += 1
+                continue
+            batch.append((key, bucket, rec))
+        if not batch:
+            return 0
+        res = await self.kernel.requests.inject([r for _, _, r in batch])
+        failed = dict(res.failed)
+        for i, (key, bucket, _rec) in enumerate(batch):
+            if failed.get(i, errno.EEXIST) == errno.EEXIST:  # EEXIST: already there
+                self.in_kernel[bucket].add(key)
+        self.c["kernel_injected"] += len(batch) - len(failed)
+        for name, n in res.errno_counts().items():
+            self.c[f"kernel_inject_{name}"] += n
+        return len(batch) - len(failed)
+
+    # ------------------------------------------------------------------ membership
+
+    def _membership_changed(self) -> None:
+        now = self.loop.time()
+        gap = now - self._last_tick
+        if gap > self.ms.timing.stall:
+            self.ms.loop_stalled(gap, now)
+        self._last_tick = now
+        while (ev := self.ms.next_event()) is not None:
+            self._on_membership_event(ev, now)
+        for _dest, msg in self.ms.datagrams_to_send():
+            payload = msgpack.packb(msg.to_wire(), use_bin_type=True)
+            self.ep.send_membership(MEMBERSHIP_SUBKIND, payload, now)
+        self._sync_kernel_owned(now)
+        self._maybe_ready(now)
+        if self.transport is not None:
+            self.transport.pump()
+        when = self.ms.get_timer()
+        if self._ms_timer is not None:
+            self._ms_timer.cancel()
+        # the lease refresh needs waking too: at most one heartbeat after now
+        when = min(when, now + self.ms.timing.heartbeat)
+        self._ms_timer = self.loop.call_at(max(when, now), self._membership_timer)
+
+    def _membership_timer(self) -> None:
+        self._ms_timer = None
+        self.ms.handle_timer(self.loop.time())
+        self._membership_changed()
+
+    def _on_membership_event(self, ev: Any, now: float) -> None:
+        log.info("membership.%s %s", type(ev).__name__,
+                 " ".join(f"{k}={v}" for k, v in _fields(ev).items() if k != "new_map"
+                          and k != "map"))
+        if isinstance(ev, TakeoverDecided):
+            self._spawn(self._takeover(ev, now), f"takeover-{ev.dead_node}")
+        elif isinstance(ev, MapBootstrapNeeded):
+            view = View.of(Member(m.node_id, m.weight, m.drained) for m in ev.members)
+            om = assign(view, self.B, None)
+            tm = target_map(om, proposer=self.node_id)
+            self.ms.propose_map(tm, now)
+        elif isinstance(ev, OwnershipReleased):
+            for b in ev.buckets:
+                self.owned.discard(b)
+                self.ep.release(b)
+        elif isinstance(ev, (PeerJoined, PeerRestarted)):
+            self._ask_resync(ev.node_id, now)
+        elif isinstance(ev, (PeerLost, PeerLeaving, FenceRequired, Unfenced, MapAdopted)):
+            pass
+
+    def _ask_resync(self, peer: int, now: float) -> None:
+        """Fill the standby store from a peer (all it owns); part of the readiness gate."""
+        self.ep.request_resync(peer, (), now)
+        self._resync_asked.add(peer)
+
+    def _maybe_ready(self, now: float) -> None:
+        if self.ms.ready or self.stopping:
+            return
+        if now - self.started < STARTUP_SETTLE:
+            return
+        pending = getattr(self.ep.receiver, "_requests", [])
+        if pending:
+            return
+        self._ready_at = now
+        self.ms.set_local(now, ready=True)
+        log.info("node.ready after=%.3f s", now - self.started)
+
+    def _sync_kernel_owned(self, now: float) -> None:
+        """Make ``@owned`` equal ``forwarding(now)``, elements timed out at the lease."""
+        want = set(self.ms.forwarding(now))
+        expiry = self.ms.lease_expiry()
+        gone = self._kernel_owned - want
+        try:
+            if gone:
+                self.nft.update_marks(OWNED_SET, (), gone)
+                self.c["owned_removed"] += len(gone)
+            new = want - self._kernel_owned
+            stale = expiry - self._lease_written > self.ms.timing.heartbeat
+            if want and (new or stale):
+                self._write_owned(want, expiry, now)
+        except NftSetError as exc:
+            self.c["nft_errors"] += 1
+            log.error("node.owned_sync_failed error=%s", exc)
+            return
+        self._kernel_owned = want
+
+    def _write_owned(self, buckets: Iterable[int], expiry: float, now: float) -> None:
+        keys = [mark_key(b) for b in buckets]
+        if math.isinf(expiry):
+            self.nft.update_marks(OWNED_SET, buckets, ())
+        else:
+            ms = max(1, int((expiry - now) * 1000))
+            self.nft.refresh(OWNED_SET, keys, ms)
+        self._lease_written = expiry
+        self.c["owned_writes"] += 1
+
+    async def _takeover(self, ev: TakeoverDecided, decided: float) -> None:
+        """Commit, then claim: inject what the kernel lacks, then one nft transaction."""
+        t0 = self.loop.time()
+        missing: list[bytes] = []
+        for b in ev.buckets:
+            ink = self.in_kernel[b]
+            for key in self.store.flows(b):
+                if key not in ink:
+                    self._to_inject[key] = b
+                    missing.append(key)
+        injected = 0
+        slice_n = self.cfg.kernel.slice_entries
+        for i in range(0, len(missing), slice_n):
+            injected += await self._inject_some(slice_n, missing[i:i + slice_n])
+        t1 = self.loop.time()
+        epoch = ev.new_map.epoch
+        try:
+            # claimed in the kernel first; the owner pipeline starts with the claim
+            self._write_owned(ev.buckets, self.ms.lease_expiry(), t1)
+        except NftSetError as exc:
+            log.error("node.claim_failed buckets=%d error=%s", len(ev.buckets), exc)
+            self.ms.claim_failed(ev.buckets, self.loop.time())
+            self._membership_changed()
+            return
+        t2 = self.loop.time()
+        accepted = self.ms.claim_done(ev.buckets, t2)
+        for b in ev.buckets:
+            if b in accepted:
+                self.ep.claim(b, epoch)
+                self.owned.add(b)
+        refused = set(ev.buckets) - accepted
+        self._kernel_owned |= set(accepted)
+        if refused:
+            self.nft.update_marks(OWNED_SET, (), refused)
+        self.takeovers.append(TakeoverLog(ev.dead_node, ev.buckets, decided, t1 - t0, injected,
+                                          t2 - t1, len(accepted), len(refused)))
+        log.info("node.takeover dead=%d buckets=%d injected=%d safety_ms=%.1f claim_ms=%.1f",
+                 ev.dead_node, len(ev.buckets), injected, (t1 - t0) * 1e3, (t2 - t1) * 1e3)
+        self._membership_changed()
+
+    # ------------------------------------------------------------------ digests
+
+    def _schedule_digests(self) -> None:
+        def fire() -> None:
+            if self.owned:
+                self.ep.send_digests(sorted(self.owned), self.loop.time())
+                if self.transport is not None:
+                    self.transport.pump()
+            self._schedule_digests()
+
+        self.loop.call_later(DIGEST_INTERVAL, fire)
+
+    # ------------------------------------------------------------------ status
+
+    def statistics(self) -> dict[str, Any]:
+        now = self.loop.time()
+        ms = self.ms.statistics()
+        per_bucket_kernel = [len(s) for s in self.in_kernel]
+        return {
+            "incarnation": self.incarnation,
+            "ready": self.ms.ready,
+            "fenced": self.ms.fenced,
+            "map_epoch": ms.map_epoch,
+            "owned": sorted(self.owned),
+            "forwarding": sorted(self.ms.forwarding(now)),
+            "target": sorted(self.ms.map.buckets_of(self.node_id)) if self.ms.map else [],
+            "lease_left_s": round(self.ms.lease_expiry() - now, 3)
+            if math.isfinite(self.ms.lease_expiry()) else None,
+            "store_entries": len(self.store),
+            "kernel_copies": sum(per_bucket_kernel),
+            "pending_inject": len(self._to_inject),
+            "pending_delete": len(self._to_delete),
+            "counters": dict(self.c),
+            "membership": _plain(ms),
+            "replication": _plain(self.ep.statistics()),
+            "kernel": _plain(self.kernel.statistics()),
+            "takeovers": [_plain(t) for t in self.takeovers],
+        }
+
+    def control_handlers(self) -> Mapping[str, Callable[[Mapping[str, Any]], Awaitable[Any]]]:
+        async def store(args: Mapping[str, Any]) -> Any:
+            buckets = args.get("buckets") or range(self.B)
+            return {str(b): sorted(k.hex() for k in self.store.flows(int(b)))
+                    for b in buckets if self.store.count(int(b))}
+
+        async def corrupt(args: Mapping[str, Any]) -> Any:
+            # test hook: damage one bucket of the standby store behind the daemon's back
+            return self.store.clear_bucket(int(args["bucket"]))
+
+        async def records(args: Mapping[str, Any]) -> Any:
+            b = int(args["bucket"])
+            return {k.hex(): _plain(FlowRecord.unpack(v)) for k, v in self.store.flows(b).items()}
+
+        return {"store": store, "store-corrupt": corrupt, "store-records": records}
+
+
+def target_map(om: OwnerMap, *, proposer: int, depth: int | None = None) -> TargetMap:
+    """Membership's map form of a ``hashing`` owner map, with successor chains.
+
+    Level 1 of a bucket's chain is ``om.successors()``; level i+1 is the successor in the map
+    computed without the owner and the first i successors (``successor_map`` applied in turn),
+    so a second failure also lands where ``hashing`` puts it. Maps per distinct dead set are
+    cached; the depth is capped (default: 2 levels up to 8 nodes, else 1) to bound the cost.
+    """
+    n = len(om.view.eligible)
+    if depth is None:
+        depth = 2 if n <= 8 else 1
+    depth = min(depth, max(n - 1, 0))
+    cache: dict[frozenset[int], OwnerMap] = {frozenset(): om}
+    succ_cache: dict[frozenset[int], tuple[int, ...]] = {}
+    chains: list[list[int]] = []
+    for b in range(om.buckets):
+        dead: frozenset[int] = frozenset()
+        m = om
+        chain: list[int] = []
+        current = om.owners[b]
+        while current != NO_OWNER and len(chain) < depth:
+            succ = succ_cache.get(dead)
+            if succ is None:
+                succ = succ_cache[dead] = m.successors()
+            nxt = succ[b]
+            if nxt == NO_OWNER:
+                break
+            chain.append(nxt)
+            dead = dead | {current}
+            cached = cache.get(dead)
+            if cached is None:
+                cached = cache[dead] = m.successor_map(current)
+            m = cached
+            current = nxt
+        chains.append(chain)
+    return TargetMap.build(epoch=max(1, om.epoch), proposer=proposer, owners=om.owners,
+                           successors=chains)
+
+
+def _injectable(record: bytes) -> bool:
+    """A standby copy is created only past the TCP handshake (never as SYN_SENT)."""
+    rec = FlowRecord.unpack(record)
+    if rec.l4proto != IPPROTO_TCP:
+        return True
+    return rec.tcp is not None and rec.tcp.state in _TCP_REPLICABLE
+
+
+def _fields(obj: Any) -> dict[str, Any]:
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+
+
+def _plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, bytes):
+        return obj.hex()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
