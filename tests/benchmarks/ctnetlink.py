@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -54,7 +54,6 @@ from lbsync.kernel.flowrecord import (
     unpack_fields,
 )
 from lbsync.kernel.netns import entered
-
 
 
 def snat_addr(i: int) -> bytes:
@@ -195,10 +194,8 @@ class Namespaces:
     def remove(self, name: str) -> None:
         out = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True)
         for pid in out.stdout.split():
-            try:
+            with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(pid), signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
-                pass
         subprocess.run(["ip", "netns", "del", name], check=False)
         if name in self.names:
             self.names.remove(name)
@@ -320,15 +317,19 @@ def bench_live(ns_mgr: Namespaces, n: int, rounds: int) -> None:
     with open(out_path, "w") as out:
         ce = subprocess.Popen(["ip", "netns", "exec", ns, "taskset", "-c", "0", "conntrack",
                                "-E", "-b", str(512 << 20)], stdout=out,
-                              stderr=subprocess.DEVNULL)
+                              stderr=subprocess.PIPE, text=True)
         time.sleep(0.3)
         subprocess.run(generator_cmd(ns, n, delete=n, rounds=rounds), check=True)
         time.sleep(1.0)
         ce_cpu = proc_cpu(ce.pid)
         ce.send_signal(signal.SIGINT)
-        ce.wait(timeout=10)
+        _, err = ce.communicate(timeout=10)
     with open(out_path) as f:
         lines = sum(1 for _ in f)
+    # conntrack prints how many events it showed when interrupted
+    shown = [int(w) for w in err.split() if w.isdigit()]
+    if shown:
+        lines = max(lines, shown[-1])
     os.unlink(out_path)
     ns_mgr.remove(ns)
     figure("live_read_events_per_cpu_s", msgs / cpu, "events/s", baseline="conntrack -E",
@@ -519,13 +520,12 @@ def conntrackd_commit(ns_mgr: Namespaces, records: list[bytes]) -> tuple[float, 
 
 
 def _external_entries(stats: str) -> int:
-    block = stats.split("external cache", 1)
+    """``conntrackd -s cache``: the ``active objects`` of the ``cache:external`` block."""
+    block = stats.split("cache:external", 1)
     if len(block) < 2:
         return 0
-    for line in block[1].splitlines():
-        if "current active connections" in line:
-            return int(line.split(":")[1].split()[0])
-    return 0
+    first = block[1].splitlines()[0]
+    return int(first.rsplit(":", 1)[1]) if "active objects" in first else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -558,8 +558,10 @@ def main(argv: list[str] | None = None) -> int:
     steps.append(("dump", lambda: bench_dump(ns_mgr, n, 3 if args.quick else 5)))
     steps.append(("inject", lambda: bench_inject(ns_mgr, n, 1 if args.quick else 5)))
     try:
-        for _name, step in steps:
+        for name, step in steps:
+            t0 = time.monotonic()
             step()
+            print(f"# step {name} took {time.monotonic() - t0:.1f} s", file=sys.stderr)
     finally:
         ns_mgr.cleanup()
     FIGURES["quick"] = args.quick

@@ -41,7 +41,7 @@ def conntrack_l_keys(ns: str) -> set[bytes]:
         m = _LINE.match(line)
         if not m:
             continue
-        proto, num, src, dst, sport, dport = m.groups()
+        _proto, num, src, dst, sport, dport = m.groups()
         fam = socket.AF_INET6 if ":" in src else socket.AF_INET
         zone = int(z.group(1)) if (z := re.search(r"zone=(\d+)", line)) else 0
         keys.add(flow_key(int(fam), int(num), zone, socket.inet_pton(fam, src),

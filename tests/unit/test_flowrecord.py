@@ -167,8 +167,8 @@ def test_key_layout_property(src: bytes, dst: bytes, sp: int, dp: int, zone: int
     assert key[:2] == bytes([AF_INET, proto]) and key[8:12] == src
 
 
-leaves = st.none() | st.integers(-(2**63), 2**64 - 1) | st.binary(max_size=20) | st.text(max_size=5) \
-    | st.booleans() | st.floats(allow_nan=False)
+leaves = (st.none() | st.integers(-(2**63), 2**64 - 1) | st.binary(max_size=20)
+          | st.text(max_size=5) | st.booleans() | st.floats(allow_nan=False))
 values = st.recursive(leaves, lambda inner: st.lists(inner, max_size=6), max_leaves=30)
 
 
