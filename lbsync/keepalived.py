@@ -178,9 +178,16 @@ def default_fifo_path(cfg: ClusterConfig, node_id: int) -> str:
 
 def render_keepalived_conf(cfg: ClusterConfig, node_id: int, *,
                            advert_int: float = DEFAULT_ADVERT_INT, fifo_path: str,
-                           run_dir: str, token_network: str = TOKEN_NETWORK) -> str:
+                           run_dir: str, token_network: str = TOKEN_NETWORK,
+                           notify_command: str | None = None) -> str:
     """keepalived.conf for node ``node_id``: one instance per node of the cluster (see the
-    module docstring for the plan). Pure: the same arguments give the same text."""
+    module docstring for the plan). Pure: the same arguments give the same text.
+
+    ``notify_command`` (e.g. ``/usr/bin/lbsync notify --node-id 1``) adds it as every
+    instance's generic ``notify`` script, besides the FIFO; keepalived appends
+    ``INSTANCE <name> <STATE> <priority>``, which ``lbsync notify`` accepts. It runs as root
+    with ``enable_script_security``: the program and its directories must not be writable by
+    other users."""
     me = cfg.node(node_id)
     if not me.management_address:
         raise ValueError(f"node {node_id} has no management_address")
@@ -205,6 +212,7 @@ def render_keepalived_conf(cfg: ClusterConfig, node_id: int, *,
         f"    router_id lbsync-{cfg.cluster.name}-{node_id}",
         f"    vrrp_notify_fifo {_quoted(fifo_path)}",
         "    vrrp_version 3",
+        *(["    script_user root", "    enable_script_security"] if notify_command else []),
         "}",
     ]
     for owner in ids:
@@ -230,6 +238,8 @@ def render_keepalived_conf(cfg: ClusterConfig, node_id: int, *,
             f"        {token_address(owner, token_network)} dev {TOKEN_DEVICE} scope host",
             "    }",
         ]
+        if notify_command:
+            out.append(f"    notify {_quoted(notify_command)}")
         if own:
             out += [
                 "    track_interface {",

@@ -3,6 +3,7 @@ through lbsync's FIFO reader: steady state, a node's death, a node's own link fa
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -11,14 +12,26 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from lbsync.config import ClusterConfig, parse_cluster
-from lbsync.keepalived import instance_name, keepalived_argv, render_keepalived_conf
+from lbsync.config import ClusterConfig, load_cluster, parse_cluster
+from lbsync.control import ControlServer
+from lbsync.keepalived import (
+    VrrpEvent,
+    VrrpInterpreter,
+    VrrpOwnLinkFailed,
+    VrrpOwnLinkRecovered,
+    VrrpPeerDeclaredDead,
+    instance_name,
+    keepalived_argv,
+    render_keepalived_conf,
+)
+from lbsync.vrrp_adapter import notify_handler
 from tests.netns import NetnsSet
 
 pytestmark = pytest.mark.kernel
@@ -252,3 +265,83 @@ def test_keepalived_accepts_rendered_config_and_rejects_missing_interface(
                   check=False)
     assert cp.returncode != 0
     assert "outside0" in cp.stderr
+
+
+class ControlThread:
+    """A ControlServer with lbsync's ``notify`` handler, on its own loop in a thread."""
+
+    def __init__(self, path: Path, self_id: int, nodes: tuple[int, ...]) -> None:
+        self.path = path
+        self.events: list[VrrpEvent] = []
+        self._interp = VrrpInterpreter(self_id, nodes)
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+        self._thread.start()
+        assert self._ready.wait(5)
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        server = ControlServer(self.path, {"notify": notify_handler(self._interp,
+                                                                    self.events.append)})
+        await server.start()
+        self._ready.set()
+        try:
+            await self._stop.wait()
+        finally:
+            await server.close()
+
+    def close(self) -> None:
+        assert self._loop is not None and self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(5)
+
+    def wait(self, event: VrrpEvent, timeout: float = DEADLINE) -> None:
+        end = time.monotonic() + timeout
+        while event not in list(self.events):
+            if time.monotonic() > end:
+                raise AssertionError(f"{event} not among {self.events}")
+            time.sleep(0.02)
+
+
+def test_keepalived_notify_script_reaches_the_control_socket(netns: NetnsSet,
+                                                             tmp_path: Path) -> None:
+    """keepalived's generic ``notify`` script is ``lbsync notify``: its state changes reach the
+    daemon's control socket (a ControlServer with the real handler stands in for the daemon).
+    Node 2 of the 2-node cluster never starts, so node 1 takes its instance."""
+    lbsync_bin = Path(sys.executable).parent / "lbsync"
+    assert lbsync_bin.exists(), "the lbsync console script is installed next to python"
+    name = f"kn{uuid.uuid4().hex[:8]}"
+    cfg_path = tmp_path / "cluster.toml"
+    cfg_path.write_text(
+        f'[cluster]\nname = "{name}"\n' + "".join(
+            f'[[nodes]]\nid = {i}\nreplication_address = "198.18.2.{i}"\n'
+            f'management_address = "198.18.3.{i}"\n' for i in (1, 2)))
+    cfg = load_cluster(cfg_path)
+    n = netns.add("n1")
+    for k, link in enumerate(("mgmt0", "outside0", "inside0")):
+        netns.ns(n, ["ip", "link", "add", link, "type", "veth", "peer", "name", f"p{k}"])
+        netns.ns(n, ["ip", "link", "set", link, "up"])
+        netns.ns(n, ["ip", "link", "set", f"p{k}", "up"])
+    netns.ns(n, "ip addr add 198.18.3.1/24 dev mgmt0")
+    conf = tmp_path / "keepalived.conf"
+    conf.write_text(render_keepalived_conf(
+        cfg, 1, fifo_path=str(tmp_path / "vrrp.fifo"), run_dir=str(tmp_path),
+        notify_command=f"{lbsync_bin} notify --config {cfg_path} --node-id 1"))
+    server = ControlThread(cfg.runtime_path(1, "sock"), 1, cfg.node_ids)
+    try:
+        with open(tmp_path / "keepalived.log", "wb") as out:
+            netns.popen(n, keepalived_argv(str(conf), str(tmp_path)), stdout=out,
+                        stderr=subprocess.STDOUT)
+        server.wait(VrrpPeerDeclaredDead(node_id=2))
+        time.sleep(0.5)  # notify scripts run concurrently: let the start-up ones finish
+        netns.ns(n, "ip link set outside0 down")
+        server.wait(VrrpOwnLinkFailed())
+        netns.ns(n, "ip link set outside0 up")
+        server.wait(VrrpOwnLinkRecovered())
+    finally:
+        kill_keepalived(tmp_path)
+        server.close()
+    assert not cfg.runtime_path(1, "sock").exists()

@@ -398,3 +398,16 @@ def test_interpreter_module_stays_sans_io() -> None:
             imported.add(node.module.split(".")[0])
     forbidden = {"asyncio", "socket", "time", "os", "subprocess", "select", "pyroute2"}
     assert imported & forbidden == set()
+
+
+def test_render_notify_command_in_every_instance() -> None:
+    cfg = cluster(3)
+    plain = render_keepalived_conf(cfg, 2, fifo_path="/f", run_dir="/d")
+    assert "notify" not in plain.replace("vrrp_notify_fifo", "") and "script_user" not in plain
+    text = render_keepalived_conf(cfg, 2, fifo_path="/f", run_dir="/d",
+                                  notify_command="/usr/bin/lbsync notify --node-id 2")
+    for body in blocks(text).values():
+        assert '    notify "/usr/bin/lbsync notify --node-id 2"' in body
+    assert "script_user root" in text and "enable_script_security" in text
+    with pytest.raises(ValueError):
+        render_keepalived_conf(cfg, 2, fifo_path="/f", run_dir="/d", notify_command='a"b')
