@@ -45,6 +45,9 @@ def register(sub: Any) -> None:
                    help="notify FIFO (default /run/lbsync/<cluster>-<node>.vrrp.fifo)")
     k.add_argument("--run-dir", default=str(RUN_DIR), metavar="DIR",
                    help="directory of keepalived's pid files (default %(default)s)")
+    k.add_argument("--notify-command", default=None, metavar="CMD",
+                   help="also run CMD as every instance's notify script, e.g. "
+                        "'/usr/bin/lbsync notify --node-id 1' (the FIFO is preferred)")
     k.set_defaults(func=_keepalived_config)
 
 
@@ -105,7 +108,8 @@ def _keepalived_config(args: argparse.Namespace) -> int:
     fifo = args.fifo or default_fifo_path(cfg, node_id)
     try:
         text = render_keepalived_conf(cfg, node_id, advert_int=args.advert_int,
-                                      fifo_path=fifo, run_dir=args.run_dir)
+                                      fifo_path=fifo, run_dir=args.run_dir,
+                                      notify_command=args.notify_command)
     except ValueError as exc:
         raise _usage(f"keepalived-config: {exc}") from None
     sys.stdout.write(text)

@@ -224,3 +224,6 @@ def test_keepalived_config_command(capsys: pytest.CaptureFixture[str]) -> None:
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "advert_int" in err
     assert main(["keepalived-config", "--config", str(CLUSTER), "--node-id", "7"]) == 2
+    assert main(["keepalived-config", "--config", str(CLUSTER), "--node-id", "1",
+                 "--notify-command", "/usr/bin/lbsync notify --node-id 1"]) == 0
+    assert 'notify "/usr/bin/lbsync notify --node-id 1"' in capsys.readouterr().out
