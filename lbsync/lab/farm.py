@@ -575,6 +575,38 @@ class Lab:
     def conntrack(self, ns: str) -> list[CtEntry]:
         return conntrack_entries(ns)
 
+    # ---- failures, for drills
+
+    def set_node_links(self, node_id: int, up: bool,
+                       segments: Sequence[str] = ("outside", "inside", "replication",
+                                                  "management")) -> None:
+        """Unplug (``up=False``) or replug the node's cables: its ports on the hubs go down
+        or up, so the node's interfaces lose or regain carrier (as keepalived's
+        ``track_interface`` would see a pulled cable)."""
+        from pyroute2 import IPRoute
+
+        hub_of = dict(zip(("outside", "inside", "replication", "management"), HUBS,
+                          strict=True))
+        for seg in segments:
+            if seg not in hub_of:
+                raise LabError(f"no segment {seg!r} (segments: {', '.join(hub_of)})")
+        port = f"n{self.node_ns(node_id).rsplit('-n', 1)[1]}"
+        for seg in segments:
+            with IPRoute(netns=self.hub_ns(hub_of[seg])) as ip:
+                idx = ip.link_lookup(ifname=port)
+                if not idx:
+                    raise LabError(f"hub {hub_of[seg]} has no port {port}")
+                ip.link("set", index=idx[0], state="up" if up else "down")
+
+    def kill_node_processes(self, node_id: int, sig: int = signal.SIGKILL) -> list[int]:
+        """Send ``sig`` to every process in the node's namespace; the pids signalled."""
+        ns = self.node_ns(node_id)
+        pids = netns_pids([ns]).get(ns, [])
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        return pids
+
     def status(self) -> dict[str, Any]:
         """What exists right now: namespaces, per node @owned and conntrack counts."""
         present = set(lab_namespaces(self.prefix))

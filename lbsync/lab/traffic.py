@@ -65,8 +65,9 @@ MODES = ("plain", "snat", "dnat", "egress")
 DEFAULT_MAX_RATE = 5000.0     # messages per second over all flows (2 cores: leave room)
 DEFAULT_CONNECT_TIMEOUT = 5.0
 CONNECT_CONCURRENCY = 256
-WINDOW = 4096                 # server: duplicate detection window per flow, sequence numbers
-MAX_SERVER_FLOWS = 1_000_000  # server: flows tracked; beyond, counted in `untracked`
+WINDOW = 1024                 # server: duplicate detection window per flow, sequence numbers
+MAX_SERVER_FLOWS = 200_000    # server: flows tracked; beyond, counted in `untracked`
+MAX_SERVER_RUNS = 16          # server: runs tracked; a new run evicts the oldest
 MAX_GAPS = 64                 # client: gaps recorded per flow
 NOFILE_WANTED = 1 << 20
 SERVER_READY = "traffic-server.ready"
@@ -260,14 +261,23 @@ def server_listeners(lab: Lab) -> list[Listener]:
 
 
 class EchoServer:
-    """The server's state: per-flow sequence windows and counters."""
+    """The server's state: per-run, per-flow sequence windows and counters.
 
-    def __init__(self, max_flows: int = MAX_SERVER_FLOWS) -> None:
-        self.flows: dict[tuple[int, int], SeqWindow] = {}
+    Bounded: at most ``max_runs`` runs (a new run evicts the oldest, counted in
+    ``evicted_runs``) and ``max_flows`` flows over all runs (beyond, requests are answered
+    without duplicate tracking and counted in ``untracked``).
+    """
+
+    def __init__(self, max_flows: int = MAX_SERVER_FLOWS,
+                 max_runs: int = MAX_SERVER_RUNS) -> None:
+        self.runs: dict[int, dict[int, SeqWindow]] = {}   # insertion order = age
         self.max_flows = max_flows
+        self.max_runs = max_runs
+        self.tracked = 0
         self.requests = 0
         self.bad_frames = 0
         self.untracked = 0
+        self.evicted_runs = 0
         self.connections = 0
 
     def answer(self, data: bytes, peer: tuple[str, int]) -> bytes | None:
@@ -277,19 +287,27 @@ class EchoServer:
             self.bad_frames += 1
             return None
         self.requests += 1
-        w = self.flows.get((run, flow))
+        flows = self.runs.get(run)
+        if flows is None:
+            while len(self.runs) >= self.max_runs:
+                oldest = next(iter(self.runs))
+                self.tracked -= len(self.runs.pop(oldest))
+                self.evicted_runs += 1
+            flows = self.runs[run] = {}
+        w = flows.get(flow)
         if w is None:
-            if len(self.flows) >= self.max_flows:
+            if self.tracked >= self.max_flows:
                 self.untracked += 1
                 return encode_reply(run, flow, seq, 0, 0, peer)
-            w = self.flows[(run, flow)] = SeqWindow()
+            w = flows[flow] = SeqWindow()
+            self.tracked += 1
         w.record(seq)
         return encode_reply(run, flow, seq, w.received, w.duplicates, peer)
 
     def statistics(self) -> dict[str, int]:
         return {"requests": self.requests, "bad_frames": self.bad_frames,
-                "flows": len(self.flows), "untracked": self.untracked,
-                "connections": self.connections}
+                "runs": len(self.runs), "flows": self.tracked, "untracked": self.untracked,
+                "evicted_runs": self.evicted_runs, "connections": self.connections}
 
 
 class _EchoTCP(asyncio.Protocol):
@@ -746,8 +764,15 @@ class NodeView:
 
 def lookup_nodes(lab: Lab, flows: Sequence[Flow]) -> dict[int, NodeView]:
     """flow id -> the nodes whose conntrack holds the flow, and packet counts (acct)."""
-    per_node = {i: farm.conntrack_entries(lab.node_ns(i)) for i in lab.node_ids}
-    ends = {ns: farm.conntrack_entries(ns) for ns in (lab.client_ns, lab.server_ns)}
+    per_node: dict[int, list[farm.CtEntry]] = {}
+    for i in lab.node_ids:
+        # A node a drill has taken away (namespace gone) simply holds nothing.
+        with contextlib.suppress(LabError):
+            per_node[i] = farm.conntrack_entries(lab.node_ns(i))
+    ends: dict[str, list[farm.CtEntry]] = {}
+    for ns in (lab.client_ns, lab.server_ns):
+        with contextlib.suppress(LabError):
+            ends[ns] = farm.conntrack_entries(ns)
     index: dict[tuple[Any, ...], list[tuple[int, farm.CtEntry]]] = {}
     for node, entries in per_node.items():
         for e in entries:
@@ -772,7 +797,7 @@ def lookup_nodes(lab: Lab, flows: Sequence[Flow]) -> dict[int, NodeView]:
         # reply tuple reversed.
         far_ns = lab.client_ns if f.spec.mode == "egress" else lab.server_ns
         r = e.reply
-        fe = far[far_ns].get(farm.flow_key(e.proto, r.dst, r.dport, r.src, r.sport))
+        fe = far.get(far_ns, {}).get(farm.flow_key(e.proto, r.dst, r.dport, r.src, r.sport))
         pk = (e.orig.packets, e.reply.packets)
         out[f.spec.id] = NodeView(
             nodes=tuple(sorted(n for n, _ in hits)), mark=e.mark,
@@ -899,6 +924,7 @@ def alive_over_time(report: dict[str, Any], step: float = 0.1) -> list[tuple[flo
 
 
 async def _client_main(args: argparse.Namespace) -> int:
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     lab = Lab.load(args.lab, root=Path(args.lab_root))
     families = tuple(int(c) for c in args.family)
     specs = plan_flows(lab, tcp=args.tcp, udp=args.udp, mode=args.mode, families=families,
@@ -955,7 +981,7 @@ async def _client_main(args: argparse.Namespace) -> int:
     client.start_sending(loop)
     if args.ready:
         _write_atomic(Path(args.ready), json.dumps({
-            "pid": os.getpid(), "run": run_id, "flows": len(specs),
+            "pid": os.getpid(), "run": run_id, "flows": len(specs), "nofile": nofile,
             "connected": sum(f.state == "open" for f in client.flows),
             "failed": sum(f.state == "failed" for f in client.flows)}) + "\n")
     if not stop.is_set():

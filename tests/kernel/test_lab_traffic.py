@@ -81,3 +81,29 @@ def test_reset_connections_are_counted(lab: Lab) -> None:
         run.kill()
     assert rep["resets"] == 10 and rep["alive"] == 0, rep["states"]
     assert all(f["state"] == "reset" for f in rep["per_flow"])
+
+
+def test_unplugged_node_stalls_its_flows_until_replugged(lab: Lab) -> None:
+    run = TrafficRun.start(lab, tcp=20, udp=20, rate=20.0, mode="mixed")
+    try:
+        run.wait_ready()
+        time.sleep(0.4)
+        first = run.snapshot()
+        assert first["alive"] == 40, first["states"]
+        on2 = by_node(first, 2)
+        lab.set_node_links(2, up=False)
+        out = lab.exec(lab.node_ns(2), ["ip", "-br", "link", "show", "outside0"]).stdout
+        assert "LOWER_UP" not in out and "DOWN" in out.upper(), out
+        time.sleep(1.2)
+        mid = run.snapshot()
+        assert {f["id"] for f in mid["per_flow"] if not f["alive"]} == on2
+        lab.set_node_links(2, up=True)
+        time.sleep(2.5)
+        rep = run.stop()
+    finally:
+        run.kill()
+        lab.set_node_links(2, up=True)
+    assert rep["alive"] == 40 and rep["resets"] == 0, rep["states"]
+    assert {f["id"] for f in rep["per_flow"] if f["gaps"]} == on2
+    with pytest.raises(farm.LabError, match="segment"):
+        lab.set_node_links(1, up=False, segments=("sideways",))

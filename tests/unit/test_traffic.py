@@ -103,8 +103,20 @@ def test_echo_server_reports_duplicates_and_peer() -> None:
     # Beyond max_flows: answered, not tracked, counted.
     r = traffic.decode_reply(srv.answer(traffic.encode_request(5, 2, 0), peer) or b"")
     assert (r.received, r.duplicates) == (0, 0)
-    assert srv.statistics() == {"requests": 3, "bad_frames": 1, "flows": 1, "untracked": 1,
-                                "connections": 0}
+    assert srv.statistics() == {"requests": 3, "bad_frames": 1, "runs": 1, "flows": 1,
+                                "untracked": 1, "evicted_runs": 0, "connections": 0}
+
+
+def test_echo_server_evicts_the_oldest_run() -> None:
+    srv = EchoServer(max_flows=10, max_runs=2)
+    peer = ("198.18.0.100", 1)
+    for run in (1, 2, 3):
+        for flow in range(3):
+            srv.answer(traffic.encode_request(run, flow, 0), peer)
+    assert list(srv.runs) == [2, 3] and srv.tracked == 6 and srv.evicted_runs == 1
+    # Run 1 comes back as new (its history is gone), evicting run 2.
+    r = traffic.decode_reply(srv.answer(traffic.encode_request(1, 0, 0), peer) or b"")
+    assert (r.received, r.duplicates) == (1, 0) and list(srv.runs) == [3, 1]
 
 
 def test_plan_flows(tmp_path: Path) -> None:
