@@ -289,7 +289,6 @@ class ConntrackRequests:
                     except (RecordError, ValueError, OverflowError):
                         self._n["encode_errors"] += 1
                         failed.append((i, errno.EINVAL))
-                        self._errors["encode"] += 1
                 if parts:
                     if last_seq != seq0 + (stop - 1 - start):
                         # the entry meant to carry the ACK failed to encode: ask on the last sent
