@@ -117,6 +117,8 @@ class Simulation:
         self.owners: dict[int, tuple[int, int]] = {}  # bucket -> (node, owner_epoch)
         self.blocked: set[tuple[int, int]] = set()
         self.down: set[int] = set()
+        # Optional per-datagram rule: None drops it, a number adds that much delay.
+        self.filter: Callable[[int, int, bytes], float | None] | None = None
         self.last_change = 0.0
         self.events_seen: Counter[str] = Counter()
         self._max_entries = max_entries
@@ -225,7 +227,9 @@ class Simulation:
             if dst == src:
                 continue
             books.wire_datagrams += 1
-            if (src, dst) in self.blocked or dst in self.down or rng.random() < self.loss:
+            extra = 0.0 if self.filter is None else self.filter(src, dst, data)
+            if (extra is None or (src, dst) in self.blocked or dst in self.down
+                    or rng.random() < self.loss):
                 books.dropped += 1
                 if ident is not None:
                     books.missed.setdefault(ident, set()).add(dst)
@@ -234,7 +238,7 @@ class Simulation:
             if copies == 2:
                 books.duplicated += 1
             for _ in range(copies):
-                t = self.now + self.delay + rng.random() * self.jitter
+                t = self.now + self.delay + extra + rng.random() * self.jitter
                 self._n += 1
                 heapq.heappush(self._heap, (t, self._n, dst, data))
 
