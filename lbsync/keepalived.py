@@ -20,7 +20,9 @@ The VRRP plan (docs/keepalived.md explains it in full):
   other VRRP speakers' multicast on the same segment.
 - keepalived 2.2.7 insists on at least one virtual address per instance ("No VIP specified").
   Each instance carries a *token* address, ``169.254.77.<X>/32`` on ``lo`` with scope host
-  (:data:`TOKEN_NETWORK`): it never appears on a wire, nothing routes link-local addresses, and
+  (:data:`TOKEN_NETWORK`; with IPv6 management addresses ``fd6c:6273:796e:6b61::<X>/128`` from
+  :data:`TOKEN_NETWORK6`, since keepalived wants the instance's family): it never appears on a
+  wire, nothing routes link-local addresses, and
   ``ip addr show dev lo`` shows which instances a node is MASTER of.
 - State changes reach lbsync through keepalived's ``vrrp_notify_fifo`` (one line per change,
   no process per event): ``INSTANCE "lbsync-2" MASTER 250``; ``lbsync notify`` carries the same
@@ -68,6 +70,7 @@ FIRST_BACKUP_PRIORITY = 250
 PRIORITY_STEP = 50          # skew difference at advert_int 0.1: 50 * 0.1 / 256 = 19.5 ms
 MIN_PRIORITY = 1
 TOKEN_NETWORK = "169.254.77.0/24"
+TOKEN_NETWORK6 = "fd6c:6273:796e:6b61::/64"  # a ULA: "lbsynka"
 TOKEN_DEVICE = "lo"
 DEFAULT_ADVERT_INT = 0.1
 
@@ -133,11 +136,11 @@ def priority_plan(node_ids: Iterable[int], owner: int) -> dict[int, int]:
 
 
 def token_address(node_id: int, network: str = TOKEN_NETWORK) -> str:
-    """The token virtual address of instance ``lbsync-<node_id>`` (``/32``)."""
-    net = ipaddress.IPv4Network(network)
+    """The token virtual address of instance ``lbsync-<node_id>`` (``/32`` or ``/128``)."""
+    net = ipaddress.ip_network(network)
     if not 0 < node_id < net.num_addresses:
         raise ValueError(f"token network {network} has no host {node_id}")
-    return f"{net.network_address + node_id}/32"
+    return f"{net.network_address + node_id}/{net.max_prefixlen}"
 
 
 def _advert(advert_int: float) -> str:
@@ -178,7 +181,7 @@ def default_fifo_path(cfg: ClusterConfig, node_id: int) -> str:
 
 def render_keepalived_conf(cfg: ClusterConfig, node_id: int, *,
                            advert_int: float = DEFAULT_ADVERT_INT, fifo_path: str,
-                           run_dir: str, token_network: str = TOKEN_NETWORK,
+                           run_dir: str, token_network: str | None = None,
                            notify_command: str | None = None) -> str:
     """keepalived.conf for node ``node_id``: one instance per node of the cluster (see the
     module docstring for the plan). Pure: the same arguments give the same text.
@@ -198,6 +201,11 @@ def render_keepalived_conf(cfg: ClusterConfig, node_id: int, *,
     for p in peers:
         if not p or ipaddress.ip_address(p).version != src.version:
             raise ValueError("every node needs a management_address of the same family")
+    if token_network is None:
+        token_network = TOKEN_NETWORK if src.version == 4 else TOKEN_NETWORK6
+    if ipaddress.ip_network(token_network).version != src.version:
+        raise ValueError(f"token network {token_network} is not of the management family")
+    scope = " scope host" if src.version == 4 else ""  # keepalived takes no scope for IPv6
     adv = _advert(advert_int)
     argv = " ".join(shlex.quote(a) for a in keepalived_argv("<this file>", run_dir))
     out = [
@@ -235,7 +243,7 @@ def render_keepalived_conf(cfg: ClusterConfig, node_id: int, *,
             *(f"        {p}" for p in peers),
             "    }",
             "    virtual_ipaddress {",
-            f"        {token_address(owner, token_network)} dev {TOKEN_DEVICE} scope host",
+            f"        {token_address(owner, token_network)} dev {TOKEN_DEVICE}{scope}",
             "    }",
         ]
         if notify_command:

@@ -40,11 +40,12 @@ NODES = (1, 2, 3)
 DEADLINE = 5.0  # generous: the expected detection time at advert_int 0.1 is ~0.2-0.3 s
 
 
-def cluster() -> ClusterConfig:
+def cluster(v6: bool = False) -> ClusterConfig:
     return parse_cluster({
         "cluster": {"name": "kat"},
         "nodes": [{"id": i, "name": f"fw{i}", "replication_address": f"198.18.2.{i}",
-                   "management_address": f"198.18.3.{i}"} for i in NODES],
+                   "management_address": f"2001:db8:3::{i}" if v6 else f"198.18.3.{i}"}
+                  for i in NODES],
     }, "<test>")
 
 
@@ -242,11 +243,13 @@ def test_keepalived_signals_peer_death_and_own_link_failure(lab: Any) -> None:
     assert detect_dead < deadline
 
 
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
 def test_keepalived_accepts_rendered_config_and_rejects_missing_interface(
-        netns: NetnsSet, tmp_path: Path) -> None:
-    """``keepalived --config-test`` on every node's rendered file; the same file is refused in
-    a namespace that lacks the tracked outside link (so the test can fail)."""
-    cfg = cluster()
+        netns: NetnsSet, tmp_path: Path, v6: bool) -> None:
+    """``keepalived --config-test`` (which also fails on warnings) on every node's rendered
+    file, IPv4 and IPv6 management; the same file is refused in a namespace that lacks the
+    tracked outside link (so the test can fail)."""
+    cfg = cluster(v6)
     good = netns.add("good")
     bad = netns.add("bad")
     for n, links in ((good, ("mgmt0", "outside0", "inside0")), (bad, ("mgmt0", "inside0"))):

@@ -163,7 +163,26 @@ def test_render_refuses_missing_management_address_and_is_deterministic() -> Non
         render_keepalived_conf(c3, 3, fifo_path='/f"x', run_dir="/d")
 
 
+def test_render_ipv6_management() -> None:
+    cfg = parse_cluster({"cluster": {"name": "v6"}, "nodes": [
+        {"id": i, "replication_address": f"198.18.2.{i}",
+         "management_address": f"2001:db8:3::{i}"} for i in (1, 2)]}, "<t>")
+    b = blocks(render_keepalived_conf(cfg, 2, fifo_path="/f", run_dir="/d"))
+    assert field(b["lbsync-1"], "unicast_src_ip") == "2001:db8:3::2"
+    assert "fd6c:6273:796e:6b61::1/128 dev lo\n" in b["lbsync-1"]
+    with pytest.raises(ValueError, match="family"):
+        render_keepalived_conf(cfg, 2, fifo_path="/f", run_dir="/d",
+                               token_network="169.254.77.0/24")
+    mixed = parse_cluster({"cluster": {"name": "mx"}, "nodes": [
+        {"id": 1, "replication_address": "198.18.2.1", "management_address": "198.18.3.1"},
+        {"id": 2, "replication_address": "198.18.2.2", "management_address": "2001:db8::2"}]},
+        "<t>")
+    with pytest.raises(ValueError, match="same family"):
+        render_keepalived_conf(mixed, 1, fifo_path="/f", run_dir="/d")
+
+
 def test_token_address() -> None:
+    assert token_address(3, "fd6c:6273:796e:6b61::/64") == "fd6c:6273:796e:6b61::3/128"
     assert token_address(1) == "169.254.77.1/32"
     assert token_address(255) == "169.254.77.255/32"
     with pytest.raises(ValueError):
