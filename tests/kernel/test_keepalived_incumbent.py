@@ -11,6 +11,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -75,7 +76,10 @@ FLOWS = (  # (conntrack -I arguments, replicated?)
 )
 
 
-def test_incumbent_conntrackd_and_keepalived_failover(netns: NetnsSet, tmp_path: Path) -> None:
+@pytest.mark.parametrize("channel", ["udp", "multicast"])
+def test_incumbent_conntrackd_and_keepalived_failover(netns: NetnsSet, tmp_path: Path,
+                                                      channel: Literal["udp", "multicast"]
+                                                      ) -> None:
     cfg = cluster()
     hub = netns.add("hub")
     for br in ("obr", "ibr"):
@@ -100,7 +104,7 @@ def test_incumbent_conntrackd_and_keepalived_failover(netns: NetnsSet, tmp_path:
         d.mkdir()
         dirs[i] = d
         confs[i] = d / "conntrackd.conf"
-        confs[i].write_text(render_conntrackd_conf(cfg, i, run_dir=str(d)))
+        confs[i].write_text(render_conntrackd_conf(cfg, i, run_dir=str(d), channel=channel))
         scripts[i] = d / "primary-backup.sh"
         scripts[i].write_text(render_incumbent_notify_script(
             conntrackd_conf=str(confs[i]), lock_file=conntrackd_paths(str(d), i)["lock"],
@@ -172,7 +176,7 @@ def test_incumbent_conntrackd_and_keepalived_failover(netns: NetnsSet, tmp_path:
         log = _read(dirs[2] / "notify.log")
         assert "transition primary" in log and "failed" not in log, log
         assert "sport=40002" not in netns.ns(names[2], "conntrack -L", check=False).stdout
-        print(f"\nincumbent advert_int 0.1: VIP on the backup {t_vip - t0:.3f} s after the "
+        print(f"\nincumbent ({channel}) advert_int 0.1: VIP on the backup {t_vip - t0:.3f} s after the "
               f"crash; replicated entries in its kernel {t_commit - t0:.3f} s")
     finally:
         for i in (1, 2):
