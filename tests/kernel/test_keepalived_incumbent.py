@@ -176,8 +176,9 @@ def test_incumbent_conntrackd_and_keepalived_failover(netns: NetnsSet, tmp_path:
         log = _read(dirs[2] / "notify.log")
         assert "transition primary" in log and "failed" not in log, log
         assert "sport=40002" not in netns.ns(names[2], "conntrack -L", check=False).stdout
-        print(f"\nincumbent ({channel}) advert_int 0.1: VIP on the backup {t_vip - t0:.3f} s after the "
-              f"crash; replicated entries in its kernel {t_commit - t0:.3f} s")
+        print(f"\nincumbent ({channel}) advert_int 0.1: VIP on the backup "
+              f"{t_vip - t0:.3f} s after the crash; replicated entries in its kernel "
+              f"{t_commit - t0:.3f} s")
     finally:
         for i in (1, 2):
             kill_pidfiles(dirs[i] / "keepalived-vrrp.pid", dirs[i] / "keepalived.pid")
