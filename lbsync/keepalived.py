@@ -22,8 +22,7 @@ The VRRP plan (docs/keepalived.md explains it in full):
   Each instance carries a *token* address, ``169.254.77.<X>/32`` on ``lo`` with scope host
   (:data:`TOKEN_NETWORK`; with IPv6 management addresses ``fd6c:6273:796e:6b61::<X>/128`` from
   :data:`TOKEN_NETWORK6`, since keepalived wants the instance's family): it never appears on a
-  wire, nothing routes link-local addresses, and
-  ``ip addr show dev lo`` shows which instances a node is MASTER of.
+  wire, and ``ip addr show dev lo`` shows which instances a node is MASTER of.
 - State changes reach lbsync through keepalived's ``vrrp_notify_fifo`` (one line per change,
   no process per event): ``INSTANCE "lbsync-2" MASTER 250``; ``lbsync notify`` carries the same
   information for notify scripts.
