@@ -316,7 +316,8 @@ def render_incumbent_notify_script(*, conntrackd_conf: str, lock_file: str, log_
 
 
 def render_incumbent_keepalived_conf(cfg: ClusterConfig, node_id: int, *, notify_script: str,
-                                     advert_int: float = 1.0, preempt: bool = False) -> str:
+                                     advert_int: float = 1.0, preempt: bool = False,
+                                     vrrp_version: Literal[2, 3] | None = None) -> str:
     """keepalived.conf for the incumbent's active-backup setup on node ``node_id``.
 
     Two instances in one sync group: the outside VIPs on the outside interface
@@ -324,7 +325,9 @@ def render_incumbent_keepalived_conf(cfg: ClusterConfig, node_id: int, *, notify
     (VRID :data:`INCUMBENT_VRID_INSIDE`), multicast adverts on those segments as operators run
     it; the group's transitions call ``notify_script primary|backup|fault`` (see
     :func:`render_incumbent_notify_script`). The lowest node id is the preferred primary
-    (priority 150, others 100). ``advert_int`` below 1 s needs VRRPv3, which is always used.
+    (priority 150, others 100). ``vrrp_version`` defaults to 2 (keepalived's default, what
+    operators run) for whole-second intervals and to 3 otherwise (VRRPv2 carries whole seconds
+    only).
     IPv6 VIPs go in ``virtual_ipaddress_excluded`` (an instance carries one family in its
     adverts); they move with the instance all the same.
     """
@@ -333,6 +336,10 @@ def render_incumbent_keepalived_conf(cfg: ClusterConfig, node_id: int, *, notify
         raise ValueError(f"node {node_id} is not in the cluster")
     prio = 150 if node_id == min(ids) else 100
     adv = _advert(advert_int)
+    if vrrp_version is None:
+        vrrp_version = 2 if "." not in adv else 3
+    if vrrp_version == 2 and "." in adv:
+        raise ValueError(f"VRRPv2 carries whole seconds only, not advert_int {adv}")
     ifs = cfg.interfaces
     script = notify_script
     if '"' in script or "'" in script:
@@ -344,7 +351,7 @@ def render_incumbent_keepalived_conf(cfg: ClusterConfig, node_id: int, *, notify
         "",
         "global_defs {",
         f"    router_id incumbent-{cfg.cluster.name}-{node_id}",
-        "    vrrp_version 3",
+        f"    vrrp_version {vrrp_version}",
         "    script_user root",
         "    enable_script_security",
         "}",

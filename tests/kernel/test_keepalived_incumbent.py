@@ -192,3 +192,24 @@ def _read(path: Path) -> str:
         return path.read_text()
     except FileNotFoundError:
         return ""
+
+
+@pytest.mark.parametrize("advert_int", [1.0, 0.1])
+def test_incumbent_keepalived_config_test(netns: NetnsSet, tmp_path: Path,
+                                          advert_int: float) -> None:
+    """keepalived accepts the incumbent file (VRRPv2 at 1 s, v3 at 0.1 s) for both nodes."""
+    cfg = cluster()
+    n = netns.add("kt")
+    for k, link in enumerate(("outside0", "inside0")):
+        netns.ns(n, ["ip", "link", "add", link, "type", "veth", "peer", "name", f"p{k}"])
+    script = tmp_path / "pb.sh"
+    script.write_text(render_incumbent_notify_script(
+        conntrackd_conf="/nonexistent.conf", lock_file="/nonexistent.lock",
+        log_file=str(tmp_path / "log")))
+    script.chmod(0o755)
+    for i in (1, 2):
+        conf = tmp_path / f"k{i}.conf"
+        conf.write_text(render_incumbent_keepalived_conf(cfg, i, notify_script=str(script),
+                                                         advert_int=advert_int))
+        cp = netns.ns(n, ["keepalived", "--config-test", "--use-file", str(conf)], check=False)
+        assert cp.returncode == 0, cp.stderr

@@ -228,6 +228,12 @@ def test_incumbent_conf_sync_group_and_vips() -> None:
     assert field(b2["incumbent-outside"], "priority") == "100"
     assert field(b1["incumbent-outside"], "advert_int") == "0.1"
     assert field(b2["incumbent-outside"], "advert_int") == "1"
+    assert "vrrp_version 3" in t1 and "vrrp_version 2" in t2
+    assert "vrrp_version 3" in render_incumbent_keepalived_conf(cfg, 2, notify_script="/x",
+                                                                vrrp_version=3)
+    with pytest.raises(ValueError, match="VRRPv2"):
+        render_incumbent_keepalived_conf(cfg, 2, notify_script="/x", advert_int=0.5,
+                                         vrrp_version=2)
     assert "198.18.0.1/24 dev outside0" in b1["incumbent-outside"]
     assert re.search(r"virtual_ipaddress_excluded \{\n\s+2001:db8:0:1::1/64 dev outside0",
                      b1["incumbent-outside"])
