@@ -70,6 +70,48 @@ def ensure_fifo(path: Path) -> bool:
     return False
 
 
+class LineSplitter:
+    """Bytes in, complete lines out (without the newline), each at most ``max_line`` bytes: a
+    longer line is dropped whole, up to its newline, and counted in ``overlong``."""
+
+    def __init__(self, max_line: int) -> None:
+        self.max_line = max_line
+        self.overlong = 0
+        self._buf = bytearray()
+        self._discarding = False
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        lines: list[bytes] = []
+        start = 0
+        while True:
+            nl = chunk.find(b"\n", start)
+            if nl < 0:
+                if not self._discarding:
+                    self._buf += chunk[start:]
+                    if len(self._buf) > self.max_line:
+                        self.overlong += 1
+                        self._discarding = True
+                        self._buf.clear()
+                return lines
+            piece = chunk[start:nl]
+            start = nl + 1
+            if self._discarding:
+                self._discarding = False
+                continue
+            self._buf += piece
+            line = bytes(self._buf)
+            self._buf.clear()
+            if len(line) > self.max_line:
+                self.overlong += 1
+                continue
+            lines.append(line)
+
+    def reset(self) -> None:
+        """Forget a partial line (its writer is gone)."""
+        self._buf.clear()
+        self._discarding = False
+
+
 @dataclass(frozen=True, slots=True)
 class FifoReaderStatistics:
     """Counters of a :class:`FifoReader` (an immutable snapshot)."""
@@ -92,16 +134,13 @@ class FifoReader:
         self.path = Path(path)
         self.interpreter = interpreter
         self._deliver = deliver
-        self._max_line = max_line
+        self._splitter = LineSplitter(max_line)
         self._loop = loop
         self._fd: int | None = None
-        self._buf = bytearray()
-        self._discarding = False
         self._opens = 0
         self._eofs = 0
         self._bytes = 0
         self._lines = 0
-        self._overlong = 0
         self._read_errors = 0
         self._events = 0
 
@@ -123,7 +162,8 @@ class FifoReader:
     def statistics(self) -> FifoReaderStatistics:
         return FifoReaderStatistics(
             opens=self._opens, eofs=self._eofs, bytes_read=self._bytes, lines=self._lines,
-            overlong_lines=self._overlong, read_errors=self._read_errors, events=self._events)
+            overlong_lines=self._splitter.overlong, read_errors=self._read_errors,
+            events=self._events)
 
     # ----------------------------------------------------------------------------------------
 
@@ -157,38 +197,14 @@ class FifoReader:
         self._split(chunk)
 
     def _split(self, chunk: bytes) -> None:
-        start = 0
-        while True:
-            nl = chunk.find(b"\n", start)
-            if nl < 0:
-                rest = chunk[start:]
-                if self._discarding:
-                    return
-                self._buf += rest
-                if len(self._buf) > self._max_line:
-                    self._overlong += 1
-                    self._discarding = True
-                    self._buf.clear()
-                return
-            piece = chunk[start:nl]
-            start = nl + 1
-            if self._discarding:
-                self._discarding = False
-                continue
-            self._buf += piece
-            line = bytes(self._buf)
-            self._buf.clear()
-            if len(line) > self._max_line:
-                self._overlong += 1
-                continue
+        for line in self._splitter.feed(chunk):
             self._lines += 1
             self._emit(self.interpreter.feed_line(line))
 
     def _eof(self) -> None:
         # Every writer is gone: a partial line will never be completed.
         self._eofs += 1
-        self._buf.clear()
-        self._discarding = False
+        self._splitter.reset()
         self.close()
         self._emit(self.interpreter.notifier_closed())
         try:

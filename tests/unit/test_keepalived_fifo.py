@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from lbsync import config
 from lbsync.cli import main
@@ -26,7 +28,7 @@ from lbsync.keepalived import (
     render_keepalived_conf,
 )
 from lbsync.ops_cli import parse_notify_words
-from lbsync.vrrp_adapter import FifoError, FifoReader, ensure_fifo, notify_handler
+from lbsync.vrrp_adapter import FifoError, FifoReader, LineSplitter, ensure_fifo, notify_handler
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "configs" / "cluster.toml"
@@ -43,6 +45,35 @@ async def until(pred: Callable[[], bool], timeout: float = 2.0) -> None:
         if loop.time() > end:
             raise AssertionError("condition not reached")
         await asyncio.sleep(0.005)
+
+
+@given(st.lists(st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"")), max_size=20),
+       st.lists(st.integers(min_value=1, max_value=50), min_size=1, max_size=10),
+       st.integers(min_value=1, max_value=30))
+def test_line_splitter_is_independent_of_chunking(lines: list[bytes], cuts: list[int],
+                                                  max_line: int) -> None:
+    """However the stream is cut into reads, the same lines come out: those of at most
+    ``max_line`` bytes, in order; the others are counted."""
+    stream = b"".join(line + b"\n" for line in lines)
+    sp = LineSplitter(max_line)
+    out: list[bytes] = []
+    pos, k = 0, 0
+    while pos < len(stream):
+        n = cuts[k % len(cuts)]
+        out += sp.feed(stream[pos:pos + n])
+        pos, k = pos + n, k + 1
+    assert out == [line for line in lines if len(line) <= max_line]
+    assert sp.overlong == sum(1 for line in lines if len(line) > max_line)
+
+
+def test_line_splitter_reset_drops_partial_line() -> None:
+    sp = LineSplitter(10)
+    assert sp.feed(b"abc") == []
+    sp.reset()
+    assert sp.feed(b"de\nfg\n") == [b"de", b"fg"]
+    assert sp.feed(b"x" * 11) == [] and sp.overlong == 1
+    sp.reset()
+    assert sp.feed(b"ok\n") == [b"ok"]
 
 
 def test_ensure_fifo_creates_0600_and_refuses_other_files(tmp_path: Path) -> None:
