@@ -135,6 +135,10 @@ class MembershipConfig:
     heartbeat_ms: float = _help("heartbeat interval (custom profile)", default=50.0)
     miss_count: int = _help("missed heartbeats before a peer is dead (custom)", default=6)
     witness: str = _help("2-node farms: address of a witness (quorum tie-breaker)", default="")
+    preinject: bool = _help(
+        "create standby copies in the kernel as they arrive (false: keep them in the store "
+        "only; a takeover then commits the inherited buckets' entries before claiming, "
+        "slower: docs/failover.md)", default=True)
 
 
 @dataclass(frozen=True, slots=True)

@@ -190,6 +190,8 @@ class Node:
                                 on_resync=self._on_kernel_resync, config=self.cfg.kernel,
                                 marks=self.owned)
         self.in_kernel: list[set[bytes]] = [set() for _ in range(self.B)]
+        # false: standby copies stay in the store until a takeover commits them
+        self.preinject = self.cfg.membership.preinject
         self._to_inject: dict[bytes, int] = {}
         self._to_delete: dict[bytes, int] = {}
         self._kernel_work = asyncio.Event()
@@ -340,7 +342,7 @@ class Node:
                     if ch.key in self.in_kernel[ch.bucket]:
                         self.in_kernel[ch.bucket].discard(ch.key)
                         self._to_delete[ch.key] = ch.bucket
-                elif ch.key not in self.in_kernel[ch.bucket]:
+                elif self.preinject and ch.key not in self.in_kernel[ch.bucket]:
                     self._to_inject[ch.key] = ch.bucket
             self._kernel_work.set()
         elif isinstance(ev, MembershipReceived):
@@ -378,7 +380,7 @@ class Node:
             self.in_kernel[bucket].discard(key)
             self._to_delete[key] = bucket
         for key in flows:
-            if key not in self.in_kernel[bucket]:
+            if self.preinject and key not in self.in_kernel[bucket]:
                 self._to_inject[key] = bucket
         self._kernel_work.set()
 
