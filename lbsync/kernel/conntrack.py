@@ -69,6 +69,7 @@ SO_SNDBUFFORCE = 32
 DEFAULT_GROUPS = (NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_UPDATE, NFNLGRP_CONNTRACK_DESTROY)
 EXPECT_GROUPS = (NFNLGRP_CONNTRACK_EXP_NEW, NFNLGRP_CONNTRACK_EXP_DESTROY)
 RECV_SIZE = 1 << 17
+DRAIN_CAP = 1 << 16
 
 
 class KernelError(OSError):
@@ -156,6 +157,8 @@ class ConntrackRequests:
         self._cfg = config or KernelConfig()
         self._sock = open_netfilter_socket(rcvbuf=rcvbuf, sndbuf=4 << 20)
         self._sock.settimeout(10.0)
+        self._buf = bytearray(RECV_SIZE)
+        self._view = memoryview(self._buf)
         self._seq = 1
         self._lock = asyncio.Lock()
         self._n = Counter[str]()
@@ -209,7 +212,8 @@ class ConntrackRequests:
                     await asyncio.sleep(0)
 
     def _recv_dump(self, out: Decoded) -> bool:
-        data = self._sock.recv(RECV_SIZE)
+        n = self._sock.recv_into(self._buf)
+        data = self._view[:n].tobytes()
         try:
             decode(data, out, dump=True)
         except CodecError:
@@ -311,9 +315,9 @@ class ConntrackRequests:
         self._sock.send(data)
         # The kernel handled every message inside send(); read answers until the last one's.
         while True:
-            buf = self._sock.recv(RECV_SIZE)
+            n = self._sock.recv_into(self._buf)
             try:
-                out = decode(buf)
+                out = decode(self._view[:n].tobytes())
             except CodecError:
                 self._n["decode_errors"] += 1
                 continue
@@ -338,6 +342,7 @@ class ConntrackEvents:
 
     def __init__(self, *, on_events: Callable[[list[CtEvent]], None],
                  on_overrun: Callable[[], None] | None = None,
+                 on_drained: Callable[[], None] | None = None,
                  on_expectations: Callable[[list[ExpEvent]], None] | None = None,
                  config: KernelConfig | None = None,
                  groups: Sequence[int] = DEFAULT_GROUPS,
@@ -348,6 +353,9 @@ class ConntrackEvents:
         cfg = config or KernelConfig()
         self._on_events = on_events
         self._on_overrun = on_overrun
+        self._on_drained = on_drained
+        # set on ENOBUFS (or by the owner): call on_drained when the queue is next seen empty
+        self.drain_wanted = False
         self._on_exp = on_expectations
         self._marks = marks
         self._mask = mark_mask
@@ -358,6 +366,8 @@ class ConntrackEvents:
                                            nonblocking=True)
         if drop_portids:
             bpf.attach_drop_portids(self._sock, drop_portids)
+        self._buf = bytearray(RECV_SIZE)
+        self._view = memoryview(self._buf)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.recv_calls = self.messages = self.delivered = self.filtered = 0
         self.echoes = self.enobufs = self.decode_errors = self.expectations = 0
@@ -386,20 +396,30 @@ class ConntrackEvents:
 
     def read_ready(self) -> None:
         """Drain up to ``read_budget`` receives; called by the loop when readable."""
-        recv = self._sock.recv
+        # recv_into a reused buffer: a fresh 128 KiB bytes object per event would cost a
+        # malloc/free pair (mmap-sized) per message
+        recv_into = self._sock.recv_into
+        buf, view = self._buf, self._view
         out = Decoded([], [], [])
         calls = 0
-        overrun = False
+        limit = self._budget
+        overrun = drained = False
         try:
-            while calls < self._budget:
+            while calls < limit:
                 try:
-                    data = recv(RECV_SIZE)
+                    n = recv_into(buf)
+                    data = view[:n].tobytes()
                 except BlockingIOError:
+                    drained = True
                     break
                 except OSError as e:
                     if e.errno == errno.ENOBUFS:
                         self.enobufs += 1
                         overrun = True
+                        self.drain_wanted = True
+                        # what is queued now predates the loss: read it all before a
+                        # re-dump starts (bounded, in case the stream never pauses)
+                        limit = calls + max(self._budget, DRAIN_CAP)
                         continue
                     raise
                 calls += 1
@@ -432,10 +452,16 @@ class ConntrackEvents:
             self.expectations += len(out.expectations)
             if self._on_exp is not None:
                 self._on_exp(out.expectations)
-        if overrun and self._on_overrun is not None:
-            self._on_overrun()
+        # Everything read in this call was queued before the queue was last seen empty, hence
+        # before any re-dump that starts after it: deliver first, the re-dump supersedes it.
         if keep:
             self._on_events(keep)
+        if overrun and self._on_overrun is not None:
+            self._on_overrun()
+        if drained and self.drain_wanted:
+            self.drain_wanted = False
+            if self._on_drained is not None:
+                self._on_drained()
 
 
 # -- the two together --------------------------------------------------------------------------
@@ -474,11 +500,14 @@ class Conntrack:
         self._held: list[CtEvent] | None = None
         self._max_held = max_held
         self._again = False
+        self._clean_restart = False
+        self._pending = False
         self._task: asyncio.Task[None] | None = None
         self.resyncs = 0
         self.held_overflows = 0
         self.events = ConntrackEvents(
-            on_events=self._deliver, on_overrun=self._overrun, on_expectations=on_expectations,
+            on_events=self._deliver, on_overrun=self._overrun, on_drained=self._drained,
+            on_expectations=on_expectations,
             config=self._cfg, groups=groups, marks=marks, mark_mask=mark_mask, accept=accept,
             drop_portids=(pid,) if suppress_echoes else (), own_portids=(pid,))
 
@@ -498,7 +527,8 @@ class Conntrack:
 
     @property
     def resyncing(self) -> bool:
-        return self._held is not None
+        """True from an overrun until the re-dumped table has been delivered."""
+        return self._held is not None or self._pending
 
     async def wait_resynced(self) -> None:
         while self._task is not None and not self._task.done():
@@ -510,33 +540,60 @@ class Conntrack:
             self._user_on_events(events)
             return
         if len(held) + len(events) > self._max_held:
-            # the re-dump in progress will be followed by another: what is held is moot
+            # cannot keep the suffix: treat it as a loss (dump again after the next drain)
             self.held_overflows += 1
             held.clear()
             self._again = True
+            self._clean_restart = False
+            self.events.drain_wanted = True
             return
         held.extend(events)
 
+    # The re-dump protocol. Events are full states, so the consumer ends exact if it gets the
+    # table dumped at T and then every event queued after some point P <= T, with no gap after
+    # P. P is a moment the event queue was seen empty after the loss ("drained"): events read
+    # before P are delivered at once (the table supersedes them), events read after P are
+    # held during the dump and replayed after the table. A loss during the dump voids it.
+
     def _overrun(self) -> None:
         log.warning("ctnetlink.enobufs count=%d", self.events.enobufs)
-        if self._held is not None:
+        if self._task is not None:
             self._again = True
-            return
-        self._held = []
-        self._task = asyncio.get_running_loop().create_task(self._resync())
+            self._clean_restart = False
+        else:
+            self._pending = True
+
+    def _drained(self) -> None:
+        if self._task is None:
+            if self._pending:
+                self._pending = False
+                self._held = []
+                self._task = asyncio.get_running_loop().create_task(self._resync())
+        elif self._again and self._held is not None:
+            self._held.clear()
+            self._clean_restart = True
 
     async def _resync(self) -> None:
-        while True:
-            self._again = False
-            self.resyncs += 1
-            table = await self.requests.dump_all(mark=self._dump_mark,
-                                                 mark_mask=self._dump_mask)
-            if self._again:
-                self._held = []
-                continue
-            held, self._held = self._held or [], None
-            if self._on_resync is not None:
-                self._on_resync(table)
-            if held:
-                self._user_on_events(held)
-            return
+        try:
+            while True:
+                self.resyncs += 1
+                table = await self.requests.dump_all(mark=self._dump_mark,
+                                                     mark_mask=self._dump_mask)
+                if not self._again:
+                    held, self._held = self._held or [], None
+                    if self._on_resync is not None:
+                        self._on_resync(table)
+                    if held:
+                        self._user_on_events(held)
+                    return
+                self._again = False
+                if self._clean_restart:
+                    self._clean_restart = False
+                    continue  # held restarted at a drain after the loss: dump again now
+                # not drained since the loss: deliver directly until it is, then start over
+                self._held = None
+                self._pending = True
+                self.events.drain_wanted = True
+                return
+        finally:
+            self._task = None

@@ -275,8 +275,35 @@ class Decoded:
 # -- decoding ---------------------------------------------------------------------------------
 
 
+# Fast path: the kernel lays out an address+ports tuple identically every time (IPv4: 48
+# bytes, IPv6: 72). One unpack plus a comparison of the seven attribute headers replaces the
+# generic walk below (~4x faster); any other layout takes the generic walk.
+_FAST_V4 = struct.Struct(">4s4s4s4s4s4s4sB3x4sH2x4sH2x").unpack_from
+_FAST_V6 = struct.Struct(">4s4s16s4s16s4s4sB3x4sH2x4sH2x").unpack_from
+
+
+def _fast_headers(alen: int, src_type: int, dst_type: int) -> tuple[bytes, ...]:
+    return (_NLA.pack(4 + 2 * (4 + alen), CTA_TUPLE_IP | NLA_F_NESTED),
+            _NLA.pack(4 + alen, src_type), _NLA.pack(4 + alen, dst_type),
+            _NLA.pack(28, CTA_TUPLE_PROTO | NLA_F_NESTED), _NLA.pack(5, CTA_PROTO_NUM),
+            _NLA.pack(6, CTA_PROTO_SRC_PORT), _NLA.pack(6, CTA_PROTO_DST_PORT))
+
+
+_HEADERS_V4 = _fast_headers(4, CTA_IP_V4_SRC, CTA_IP_V4_DST)
+_HEADERS_V6 = _fast_headers(16, CTA_IP_V6_SRC, CTA_IP_V6_DST)
+
+
 def _tuple(buf: bytes, pos: int, end: int) -> tuple[int, bytes, bytes, int, int]:
     """Parse a CTA_TUPLE_* payload into (l4proto, src, dst, sport, dport)."""
+    n = end - pos
+    if n == 48:
+        h0, h1, src, h2, dst, h3, h4, num, h5, sport, h6, dport = _FAST_V4(buf, pos)
+        if (h0, h1, h2, h3, h4, h5, h6) == _HEADERS_V4:
+            return num, src, dst, sport, dport
+    elif n == 72:
+        h0, h1, src, h2, dst, h3, h4, num, h5, sport, h6, dport = _FAST_V6(buf, pos)
+        if (h0, h1, h2, h3, h4, h5, h6) == _HEADERS_V6:
+            return num, src, dst, sport, dport
     src = dst = b""
     proto = -1
     sport = dport = 0
