@@ -453,15 +453,14 @@ class Membership:
 
     def get_timer(self) -> float:
         """The next instant ``handle_timer`` must be called."""
-        t = self._next_hb
+        # Candidates at or before the last call were evaluated then; what else changes the
+        # outcome is a message, which triggers its own evaluation.
+        cands = [self._pending_retry_at]
         if self._state is SelfState.FORWARDING:
-            t = min(t, self.lease_expiry())
-        for p in self._peers.values():
-            if p.state in (PeerState.ALIVE, PeerState.LEAVING):
-                t = min(t, self._declare_at(p))
-        if self._pending_retry_at > self._last_call:
-            t = min(t, self._pending_retry_at)
-        return t
+            cands.append(self.lease_expiry())
+        cands.extend(self._declare_at(p) for p in self._peers.values()
+                     if p.state in (PeerState.ALIVE, PeerState.LEAVING))
+        return min([self._next_hb, *(c for c in cands if c > self._last_call)])
 
     def handle_timer(self, now: float) -> None:
         self._tick(now)
