@@ -717,6 +717,10 @@ def _nfmsg(mtype: int, flags: int, seq: int, family: int, body: bytes) -> bytes:
 
 
 def _nat(atype: int, addr: bytes, port: int | None) -> bytes:
+    if port is not None and len(addr) == 4:
+        p = port.to_bytes(2, "big")
+        return _NAT_V4_PORT(_NLA.pack(40, atype | NLA_F_NESTED), _H_NAT_MIN4, addr,
+                            _H_NAT_MAX4, addr, _H_NAT_PROTO, _H_PORT_MIN, p, _H_PORT_MAX, p)
     if len(addr) == 4:
         parts = [_nla(CTA_NAT_V4_MINIP, addr), _nla(CTA_NAT_V4_MAXIP, addr)]
     else:
@@ -726,6 +730,26 @@ def _nat(atype: int, addr: bytes, port: int | None) -> bytes:
         parts.append(_nest(CTA_NAT_PROTO, _nla(CTA_PROTONAT_PORT_MIN, p),
                            _nla(CTA_PROTONAT_PORT_MAX, p)))
     return _nest(atype, *parts)
+
+
+# Fixed layouts of the commonest create attributes, packed in one call each (encoding is
+# half the cost of an inject). Attribute headers are native-order constants, values big-endian.
+_STM = struct.Struct(">4sI4sI4sI").pack
+_H_STATUS, _H_TIMEOUT, _H_MARK = (_NLA.pack(8, t) for t in (CTA_STATUS, CTA_TIMEOUT, CTA_MARK))
+_TCPINFO = struct.Struct(">12sB3x4sB3x4sB3x4sBB2x4sBB2x").pack
+_H_TCPINFO = (_NLA.pack(48, CTA_PROTOINFO | NLA_F_NESTED)
+              + _NLA.pack(44, CTA_PROTOINFO_TCP | NLA_F_NESTED)
+              + _NLA.pack(5, CTA_PROTOINFO_TCP_STATE))
+_H_WS_O = _NLA.pack(5, CTA_PROTOINFO_TCP_WSCALE_ORIGINAL)
+_H_WS_R = _NLA.pack(5, CTA_PROTOINFO_TCP_WSCALE_REPLY)
+_H_FL_O = _NLA.pack(6, CTA_PROTOINFO_TCP_FLAGS_ORIGINAL)
+_H_FL_R = _NLA.pack(6, CTA_PROTOINFO_TCP_FLAGS_REPLY)
+_NAT_V4_PORT = struct.Struct(">4s4s4s4s4s4s4s2s2x4s2s2x").pack
+_H_NAT_MIN4 = _NLA.pack(8, CTA_NAT_V4_MINIP)
+_H_NAT_MAX4 = _NLA.pack(8, CTA_NAT_V4_MAXIP)
+_H_NAT_PROTO = _NLA.pack(20, CTA_NAT_PROTO | NLA_F_NESTED)
+_H_PORT_MIN = _NLA.pack(6, CTA_PROTONAT_PORT_MIN)
+_H_PORT_MAX = _NLA.pack(6, CTA_PROTONAT_PORT_MAX)
 
 
 def _u32attr(atype: int, v: int) -> bytes:
@@ -765,8 +789,12 @@ def _create_body(f: list[Any], default_timeout: int) -> tuple[int, bytes]:
     nat: list[bytes] = []
     if status & (IPS_SRC_NAT | IPS_DST_NAT):
         # un-NATed reply (the kernel's inverse) plus ranges: the kernel redoes the NAT itself
-        inv = FlowTuple(o[0], o[1], o[2], o[3]).inverse(l4)
-        parts.append(encode_tuple(CTA_TUPLE_REPLY, l4, inv.src, inv.dst, inv.sport, inv.dport))
+        if l4 in PORT_PROTOS:
+            parts.append(encode_tuple(CTA_TUPLE_REPLY, l4, o[1], o[0], o[3], o[2]))
+        else:
+            inv = FlowTuple(o[0], o[1], o[2], o[3]).inverse(l4)
+            parts.append(encode_tuple(CTA_TUPLE_REPLY, l4, inv.src, inv.dst, inv.sport,
+                                      inv.dport))
         icmp = l4 in ICMP_PROTOS
         ported = l4 in PORT_PROTOS or icmp
         if status & IPS_DST_NAT:
@@ -777,14 +805,19 @@ def _create_body(f: list[Any], default_timeout: int) -> tuple[int, bytes]:
         parts.append(encode_tuple(CTA_TUPLE_REPLY, l4, r[0], r[1], r[2], r[3]))
     # EXPECTED must not be sent (EBUSY): the kernel sets it from CTA_TUPLE_MASTER
     st = (status & CREATE_STATUS_MASK) | IPS_CONFIRMED
-    parts.append(_u32attr(CTA_STATUS, st))
     timeout = f[6]
-    parts.append(_u32attr(CTA_TIMEOUT, default_timeout if timeout is None else timeout))
-    parts.append(_u32attr(CTA_MARK, f[7]))
+    parts.append(_STM(_H_STATUS, st, _H_TIMEOUT, default_timeout if timeout is None else timeout,
+                      _H_MARK, f[7]))
     if f[8]:
         parts.append(_NLA.pack(6, CTA_ZONE) + _U16BE.pack(f[8]) + b"\0\0")
-    if f[9] is not None:
-        parts.append(_protoinfo_attr(l4, f[9]))
+    pi = f[9]
+    if pi is not None:
+        if l4 == IPPROTO_TCP:
+            # flag mask 0xff: the kernel applies flags & mask (dumps report mask 0)
+            parts.append(_TCPINFO(_H_TCPINFO, pi[0], _H_WS_O, pi[1], _H_WS_R, pi[2], _H_FL_O,
+                                  pi[3], 0xFF, _H_FL_R, pi[4], 0xFF))
+        else:
+            parts.append(_protoinfo_attr(l4, pi))
     if f[10] is not None:
         parts.append(_nest(CTA_HELP, _nla(CTA_HELP_NAME, f[10].encode("ascii") + b"\0")))
     parts += nat
