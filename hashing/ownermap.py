@@ -10,10 +10,12 @@ module is the specification (docs/hashing.md restates it for other implementatio
 * **Eligible members** are the view's members that are not drained. Only they own buckets.
 * **Apportionment** (largest remainder, Hamilton): with ``W`` the eligible weights' sum, member
   ``i`` gets ``floor(B * w_i / W)``; the ``R = B - sum(floors)`` remaining buckets go one each
-  to the members ranked first by (remainder ``B * w_i mod W`` descending, buckets held in the
-  previous map descending, node id ascending). Remainders are compared as integers (exact).
-  The second key breaks exact ties in favour of members that already hold the bucket, so a tie
-  never forces a move.
+  to the members ranked first by (remainder ``B * w_i mod W`` descending, "holds more than
+  its floor in the previous map" first, node id ascending). Remainders are compared as
+  integers (exact). The second key breaks exact ties in favour of members that already hold
+  the extra bucket, so a tie never forces a move, and recomputing a map for the same view
+  reproduces it (a plain "holds more" key would not: a big member at its floor would win the
+  tie from a small member holding its floor + 1, and a bucket would move for nothing).
 * **Map.** A member keeps its lowest-numbered previous buckets up to its apportionment and
   releases the rest (its highest-numbered ones). Free buckets (released ones, and those whose
   previous owner is not eligible: gone, drained, or none) are sorted ascending and handed out
@@ -142,9 +144,10 @@ def _check_buckets(buckets: int) -> None:
 def apportion(view: View, buckets: int, held: Mapping[int, int] | None = None) -> dict[int, int]:
     """Largest-remainder apportionment of ``buckets`` over the view's eligible members.
 
-    ``held`` maps node id -> buckets it holds in the previous map (ties between equal
-    remainders go to the member holding more, then to the lower id). Returns node id -> target
-    for every member of the view (0 for drained ones), keyed in ascending id order.
+    ``held`` maps node id -> buckets it holds in the previous map; ties between equal
+    remainders go first to members holding more than their floor (they would otherwise have to
+    give a bucket away), then to the lower id. Returns node id -> target for every member of
+    the view (0 for drained ones), keyed in ascending id order.
     """
     _check_buckets(buckets)
     held = held or {}
@@ -157,7 +160,8 @@ def apportion(view: View, buckets: int, held: Mapping[int, int] | None = None) -
     for m in eligible:
         q, r = divmod(buckets * m.weight, total)
         targets[m.node_id] = q
-        remainders.append((-r, -held.get(m.node_id, 0), m.node_id))
+        above_floor = held.get(m.node_id, 0) > q
+        remainders.append((-r, 0 if above_floor else 1, m.node_id))
     rest = buckets - sum(targets.values())
     remainders.sort()
     for _, _, node_id in remainders[:rest]:

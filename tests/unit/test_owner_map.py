@@ -169,3 +169,14 @@ def test_views_are_sorted_and_edited_immutably() -> None:
     assert v.without(2).node_ids == (5, 9) and v.without(42) == v
     with pytest.raises(KeyError):
         v.member(42)
+
+
+def test_recomputing_a_tied_map_moves_nothing() -> None:
+    # Found by Hypothesis: 64 buckets by 1:1:4 -> quotas 10.67, 10.67, 42.67, all remainders
+    # equal, 2 extra buckets. Nodes 1 and 2 (holding 32 each) take them; recomputed, node 3
+    # (holding 42, its floor) must not win the tie back and move a bucket for nothing.
+    two = assign(View.of([Member(1), Member(2)]), 64, None)
+    view = View.of([Member(1), Member(2), Member(3, 4)])
+    three = assign(view, 64, two)
+    assert three.counts() == {1: 11, 2: 11, 3: 42}
+    assert assign(view, 64, three).owners == three.owners
