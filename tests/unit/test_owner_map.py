@@ -180,3 +180,14 @@ def test_recomputing_a_tied_map_moves_nothing() -> None:
     three = assign(view, 64, two)
     assert three.counts() == {1: 11, 2: 11, 3: 42}
     assert assign(view, 64, three).owners == three.owners
+
+
+def test_hashing_imports_only_the_standard_library() -> None:
+    import subprocess
+    import sys
+    code = ("import sys, hashing, hashing.jhash, hashing.ownermap\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} - set(sys.stdlib_module_names)"
+            " - {'hashing', '__main__'}))")
+    cp = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
+                        check=True, timeout=30, cwd=__file__.rsplit("/tests/", 1)[0])
+    assert cp.stdout.strip() == "[]"
