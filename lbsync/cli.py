@@ -22,6 +22,7 @@ SUBCOMMAND_MODULES = (
     "lbsync.lab.cli",
     "lbsync.daemon_cli",
     "lbsync.ops_cli",
+    "lbsync.demo",
 )
 
 

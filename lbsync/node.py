@@ -44,7 +44,13 @@ from hashing.ownermap import NO_OWNER, Member, OwnerMap, View, assign
 from lbsync.config import ClusterConfig, NodeConfig
 from lbsync.kernel.conntrack import Conntrack
 from lbsync.kernel.ctnetlink import KIND_DESTROY, CtEvent
-from lbsync.kernel.flowrecord import IPPROTO_TCP, TCP_ESTABLISHED, TCP_SYN_SENT2, FlowRecord
+from lbsync.kernel.flowrecord import (
+    IPPROTO_TCP,
+    IPS_SEEN_REPLY,
+    TCP_ESTABLISHED,
+    TCP_SYN_SENT2,
+    FlowRecord,
+)
 from lbsync.membership import (
     FenceRequired,
     MapAdopted,
@@ -83,6 +89,11 @@ OWNED_SET = "owned"
 DIGEST_INTERVAL = 1.0
 LEAVE_GRACE = 10.0
 STARTUP_SETTLE = 1.0
+# A non-TCP standby copy waits for the owner's record to show a reply (IPS_SEEN_REPLY) or,
+# for one-way flows, this long (the replication lag): a copy injected at the owner's NEW event
+# misses the first reply, which passes the peer before its injection, and keeps the status
+# (and unreplied timeout) of a flow that was never answered until the next reply.
+ONE_WAY_DELAY = 0.5
 UNPACK_LIMITS = {"max_bin_len": 4096, "max_str_len": 256, "max_array_len": 512,
                  "max_map_len": 64, "max_ext_len": 0}
 # TCP states a standby copy may be created in: past the opening handshake (not NONE,
@@ -185,7 +196,8 @@ class Node:
                              resume_owned=resume, weight=self.me.weight, ready=False)
         self.owned: set[int] = set(resume)
         for b in resume:
-            self.ep.claim(b, 1)
+            # announced after the kernel dump in run() (_announce_owned)
+            self.ep.claim(b, 1, now, announce=False)
         self.kernel = Conntrack(on_events=self._on_kernel_events,
                                 on_resync=self._on_kernel_resync, config=self.cfg.kernel,
                                 marks=self.owned)
@@ -194,6 +206,7 @@ class Node:
         self.preinject = self.cfg.membership.preinject
         self._to_inject: dict[bytes, int] = {}
         self._to_delete: dict[bytes, int] = {}
+        self._one_way: dict[bytes, float] = {}  # key -> when its unanswered record arrived
         self._kernel_work = asyncio.Event()
         self.transport: ReplicationTransport | None = None
         self._ms_timer: asyncio.TimerHandle | None = None
@@ -339,6 +352,7 @@ class Node:
                     continue
                 if isinstance(ch, FlowDelete):
                     self._to_inject.pop(ch.key, None)
+                    self._one_way.pop(ch.key, None)
                     if ch.key in self.in_kernel[ch.bucket]:
                         self.in_kernel[ch.bucket].discard(ch.key)
                         self._to_delete[ch.key] = ch.bucket
@@ -416,6 +430,14 @@ class Node:
             if not _injectable(rec):
                 self.c["standby_not_yet_established"] += 1
                 continue
+            if only is None and _unanswered(key, rec):
+                now = self.loop.time()
+                first = self._one_way.setdefault(key, now)
+                if now - first < ONE_WAY_DELAY:
+                    self.c["standby_one_way_deferred"] += 1
+                    self.loop.call_at(first + ONE_WAY_DELAY, self._requeue, key, bucket)
+                    continue
+            self._one_way.pop(key, None)
             batch.append((key, bucket, rec))
         if not batch:
             return 0
@@ -428,6 +450,17 @@ class Node:
         for name, n in res.errno_counts().items():
             self.c[f"kernel_inject_{name}"] += n
         return len(batch) - len(failed)
+
+    def _requeue(self, key: bytes, bucket: int) -> None:
+        """A deferred one-way copy is due: inject it unless it was deleted or injected."""
+        if key not in self._one_way:
+            return
+        if self.store.get(FLOW, bucket, key) is None or bucket in self.owned \
+                or key in self.in_kernel[bucket]:
+            self._one_way.pop(key, None)
+            return
+        self._to_inject[key] = bucket
+        self._kernel_work.set()
 
     # ------------------------------------------------------------------ membership
 
@@ -553,7 +586,7 @@ class Node:
         accepted = self.ms.claim_done(ev.buckets, t2)
         for b in ev.buckets:
             if b in accepted:
-                self.ep.claim(b, epoch)
+                self.ep.claim(b, epoch, t2)
                 self.owned.add(b)
         refused = set(ev.buckets) - accepted
         self._kernel_owned |= set(accepted)
@@ -666,6 +699,13 @@ def _injectable(record: bytes) -> bool:
     if rec.l4proto != IPPROTO_TCP:
         return True
     return rec.tcp is not None and rec.tcp.state in _TCP_REPLICABLE
+
+
+def _unanswered(key: bytes, record: bytes) -> bool:
+    """A non-TCP record the owner has not yet seen answered (the key's byte 1 is l4proto)."""
+    if key[1] == IPPROTO_TCP:
+        return False
+    return not FlowRecord.unpack(record).status & IPS_SEEN_REPLY
 
 
 def _fields(obj: Any) -> dict[str, Any]:

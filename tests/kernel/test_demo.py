@@ -1,0 +1,29 @@
+"""`lbsync demo` (the README's main command) runs, exits 0 and loses no connection."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.kernel.conftest import lab_prefix
+from tests.netns import leftover_namespaces
+
+pytestmark = pytest.mark.kernel
+
+
+def test_demo_survives_node_death_and_cleans_up() -> None:
+    name = lab_prefix()
+    cp = subprocess.run([sys.executable, "-m", "lbsync", "demo", "--name", name, "--json"],
+                        capture_output=True, text=True, timeout=240)
+    assert cp.returncode == 0, cp.stdout[-3000:] + cp.stderr[-3000:]
+    summary = json.loads(next(line for line in cp.stdout.splitlines()
+                              if line.startswith("{")))
+    assert summary["flows"] == 450
+    assert summary["lost"] == 0 and summary["resets"] == 0
+    assert summary["nat_peer_changes"] == 0
+    assert summary["buckets_moved"] > 0
+    assert "claimed" in cp.stdout and "tearing the lab down" in cp.stdout
+    assert not leftover_namespaces(name)
