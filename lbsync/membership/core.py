@@ -25,8 +25,9 @@ Rules (docs/membership.md explains them at length):
    sticky: the declarer stops echoing the peer (no lease from it) until the peer announces it
    owns nothing (released). T_fence < T_dead, so every lease the declarer gave has expired.
 4. **Release.** A node that is fenced and sees a voter's report declaring its incarnation lost
-   drops its ownership for good (``OwnershipReleased``); it gets buckets back only by rejoining
-   (readiness gate, handoff: issue 8). An unfenced node ignores such reports: it is backed by a
+   drops its ownership for good (``OwnershipReleased``) and continues as a new incarnation
+   (+1) owning nothing; it gets buckets back only by rejoining (readiness gate, handoff or
+   a rebuilt map: issue 8). An unfenced node ignores such reports: it is backed by a
    majority that did not declare it, so no majority can have.
 5. **Claim** (``TakeoverDecided``), only while backed, ready and holding a map: a node D is
    *dead* when a strict majority of voters has declared D's owning incarnation lost (each
@@ -387,6 +388,7 @@ class Membership:
         self._lost_declared: dict[int, float] = {}
         self._reported_owner: dict[int, tuple[int, int]] = {}
         self._bootstrap_asked = False
+        self._rebuild_asked = b""
         self._view_id = 0
         self._events: deque[Event] = deque()
         self._outbox: deque[tuple[int | None, MembershipMessage]] = deque()
@@ -511,8 +513,16 @@ class Membership:
         self._update(now)
 
     def propose_map(self, new_map: TargetMap, now: float) -> None:
-        """Install a map the daemon computed (bootstrap, rebalance); it must outrank ours."""
+        """Install a map the daemon computed (bootstrap, rebuild, rebalance); it must outrank
+        ours. Without recorded incarnations, the members' current ones are recorded."""
         self._tick(now)
+        if not new_map.incarnations:
+            known = {self.node_id: self.incarnation} | {
+                n: p.incarnation for n, p in self._peers.items()
+                if p.state in (PeerState.ALIVE, PeerState.LEAVING)}
+            members = {n for k in range(new_map.nbuckets) for n in new_map.chain(k)}
+            new_map = new_map.with_incarnations(
+                (n, known[n]) for n in members if n in known)
         if new_map.nbuckets != self.nbuckets:
             raise MembershipError("map has the wrong number of buckets")
         if self._map is not None and new_map.rank <= self._map.rank:
@@ -795,6 +805,10 @@ class Membership:
                 self._owned.clear()
                 self._pending.clear()
                 self._released = True
+                # A release starts a new life: peers see a new incarnation owning nothing,
+                # which voids the declared one at once (its buckets go to successors) and
+                # readmits us as a rejoining member.
+                self.incarnation += 1
                 self._c["releases"] += 1
                 self._send_now = True
                 self._events_put(OwnershipReleased(gone, v))
@@ -808,16 +822,21 @@ class Membership:
                     self._c["lost_reports_ignored"] += 1
 
     def _declarers(self, node: int, incarnation: int) -> int:
-        """Voters (us included) whose latest word declares ``node``'s ``incarnation`` lost."""
+        """Voters (us included) that will never back ``node``'s ``incarnation`` again: they
+        declared it lost, or they have heard a later incarnation (heartbeats of an older one
+        are dropped as stale, leases are per incarnation). The node itself counts once it
+        runs a later incarnation (that daemon emptied or resumed ``@owned`` at start)."""
         n = 0
         me = self._peers.get(node)
-        if me is not None and me.lost_incarnation >= incarnation:
-            n += 1
+        if me is not None and (me.lost_incarnation >= incarnation
+                               or me.incarnation > incarnation):
+            n += 2 if me.incarnation > incarnation else 1
         for v, p in self._peers.items():
             if v == node:
                 continue
             r = p.reports.get(node)
-            if r is not None and r.lost_incarnation >= incarnation:
+            if r is not None and (r.lost_incarnation >= incarnation
+                                  or r.incarnation > incarnation):
                 n += 1
         return n
 
@@ -844,9 +863,18 @@ class Membership:
             return
         dead = self._dead_nodes()
         dead_ids = set(dead)
-        if dead_ids & self._map_nodes:
-            self._adopt(self._map.without(dead_ids, proposer=self.node_id), self.node_id)
+        need = _majority(len(self.voters))
+        leaving_map = set()
+        for n in self._map_nodes:
+            inc = self._map.incarnation_of(n)
+            if (inc and n != self.node_id and self._declarers(n, inc) >= need) or (
+                    not inc and n in dead_ids):
+                leaving_map.add(n)
+        if leaving_map:
+            self._adopt(self._map.without(leaving_map, proposer=self.node_id), self.node_id)
         m = self._map
+        if m.incarnation_of(self.node_id) not in (0, self.incarnation):
+            return  # the map's buckets for our id belong to an earlier incarnation
         mine = [k for k in self._map_mine if k not in self._owned and k not in self._pending]
         if not mine:
             return
@@ -876,12 +904,20 @@ class Membership:
             self._events_put(TakeoverDecided(dn, di, tuple(ks), m))
 
     def _all_agree_on_map(self, dead_ids: set[int]) -> bool:
+        """May buckets nobody reports owning be claimed (bootstrap, rebuild)? Only under a map
+        computed for our current incarnation (checked by the caller), and when every non-dead
+        node reports that map and knows our current incarnation, not declared lost."""
         assert self._map is not None
         for n in self.nodes:
             if n == self.node_id or n in dead_ids:
                 continue
-            hb = self._peers[n].last_hb
+            p = self._peers[n]
+            hb = p.last_hb
             if hb is None or hb.map_digest != self._map.digest:
+                return False
+            r = p.reports.get(self.node_id)
+            if (r is None or r.incarnation != self.incarnation
+                    or r.lost_incarnation >= self.incarnation):
                 return False
         return True
 
@@ -897,8 +933,13 @@ class Membership:
         del self._open_records[rec.dead_node]
 
     def _maybe_bootstrap(self, now: float) -> None:
-        if (self._map is not None or self._bootstrap_asked or self.role != "node"
-                or self._state is SelfState.FENCED or now - self._start < 2 * self.timing.dead):
+        if (self.role != "node" or self._state is SelfState.FENCED
+                or now - self._start < 2 * self.timing.dead):
+            return
+        if self._map is not None:
+            self._maybe_rebuild()
+            return
+        if self._bootstrap_asked:
             return
         for n in self.nodes:
             if n == self.node_id:
@@ -915,6 +956,24 @@ class Membership:
                for n, p in self._peers.items() if n in self.nodes
                for hb in (p.last_hb,) if hb is not None], key=lambda m: m.node_id))
         self._events_put(MapBootstrapNeeded(members))
+
+    def _maybe_rebuild(self) -> None:
+        """A map with buckets no live member may own (every node of a chain lost) needs a new
+        one from the ready view: asked of the lowest-id ready node, once per map."""
+        m = self._map
+        assert m is not None
+        if not self.ready or NO_OWNER not in m.owners or self._rebuild_asked == m.digest:
+            return
+        for p in self._peers.values():
+            hb = p.last_hb
+            if p.state is not PeerState.ALIVE or hb is None or hb.witness:
+                continue
+            if hb.map_digest != m.digest:
+                return
+            if hb.ready and p.node_id < self.node_id:
+                return
+        self._rebuild_asked = m.digest
+        self._events_put(MapBootstrapNeeded(self.ready_view()))
 
     def _update(self, now: float) -> None:
         self._update_self(now)

@@ -109,7 +109,7 @@ class MapOffer:
     def to_wire(self) -> list[Any]:
         m = self.map
         return [KIND_MAP_OFFER, VERSION, self.node_id, m.epoch, m.proposer, m.owners,
-                list(m.successors)]
+                list(m.successors), [[n, i] for n, i in m.incarnations]]
 
 
 MembershipMessage = Heartbeat | MapRequest | MapOffer
@@ -171,13 +171,17 @@ def decode(obj: Any) -> MembershipMessage:
         return MapRequest(node_id=_node(f[2], "node_id"), epoch=_int(f[3], "epoch"),
                           proposer=_node(f[4], "proposer"))
     if kind == KIND_MAP_OFFER:
-        f = _list(obj, "map offer", 7)
+        f = _list(obj, "map offer", 8)
         owners = _bytes(f[5], "owners", 8 * MAX_BITMAP)
         chains = [_bytes(c, "chain", MAX_PEERS) for c in _list(f[6], "chains", None,
                                                                 8 * MAX_BITMAP)]
+        incs = []
+        for e in _list(f[7], "incarnations"):
+            pair = _list(e, "incarnation", 2)
+            incs.append((_node(pair[0], "member"), _int(pair[1], "member incarnation")))
         try:
             m = TargetMap(epoch=_int(f[3], "epoch", 1), proposer=_node(f[4], "proposer"),
-                          owners=owners, successors=tuple(chains))
+                          owners=owners, successors=tuple(chains), incarnations=tuple(incs))
         except ValueError as exc:
             if isinstance(exc, MembershipWireError):
                 raise

@@ -69,6 +69,10 @@ class TargetMap:
     """One byte per bucket: the target owner's node id (0: none)."""
     successors: tuple[bytes, ...]
     """Per bucket, the ordered fallback chain after the owner (node ids, no repeats)."""
+    incarnations: tuple[tuple[int, int], ...] = ()
+    """(node id, incarnation) of the members the map was computed for, sorted. A node's
+    target buckets are its own only while it runs that incarnation: a restarted node never
+    takes its old buckets back as orphans, and a dead incarnation leaves the map."""
 
     def __post_init__(self) -> None:
         if self.epoch < 1:
@@ -80,6 +84,9 @@ class TargetMap:
         for k, chain in enumerate(self.successors):
             if len(set(chain)) != len(chain) or NO_OWNER in chain:
                 raise ValueError(f"bucket {k}: successor chain has repeats or 0")
+        if list(self.incarnations) != sorted(set(self.incarnations)) or len(
+                {n for n, _ in self.incarnations}) != len(self.incarnations):
+            raise ValueError("incarnations must be sorted, one per node")
 
     @property
     def nbuckets(self) -> int:
@@ -99,7 +106,21 @@ class TargetMap:
         for chain in self.successors:
             h.update(len(chain).to_bytes(1, "big"))
             h.update(chain)
+        for n, inc in self.incarnations:
+            h.update(n.to_bytes(1, "big") + inc.to_bytes(8, "big"))
         return h.digest()[:16]
+
+    def incarnation_of(self, node_id: int) -> int:
+        """The incarnation the map was computed for (0: unrecorded, any incarnation)."""
+        for n, inc in self.incarnations:
+            if n == node_id:
+                return inc
+        return 0
+
+    def with_incarnations(self, incarnations: Iterable[tuple[int, int]]) -> TargetMap:
+        return TargetMap(epoch=self.epoch, proposer=self.proposer, owners=self.owners,
+                         successors=self.successors,
+                         incarnations=tuple(sorted(set(incarnations))))
 
     def owner(self, bucket: int) -> int:
         return self.owners[bucket]
@@ -115,8 +136,8 @@ class TargetMap:
     def without(self, dead: Iterable[int], *, proposer: int) -> TargetMap:
         """The takeover map: dead nodes' buckets to their first non-dead chain member.
 
-        Dead nodes leave every chain. A bucket whose chain holds only dead nodes gets no owner.
-        The epoch is this map's plus one.
+        Dead nodes leave every chain (and the incarnation list). A bucket whose chain holds
+        only dead nodes gets no owner. The epoch is this map's plus one.
         """
         gone = set(dead)
         owners = bytearray()
@@ -126,13 +147,16 @@ class TargetMap:
             owners.append(alive[0] if alive else NO_OWNER)
             chains.append(bytes(alive[1:]))
         return TargetMap(epoch=self.epoch + 1, proposer=proposer, owners=bytes(owners),
-                         successors=tuple(chains))
+                         successors=tuple(chains),
+                         incarnations=tuple(x for x in self.incarnations if x[0] not in gone))
 
     @classmethod
     def build(cls, *, epoch: int, proposer: int, owners: Iterable[int],
-              successors: Iterable[Iterable[int]]) -> TargetMap:
+              successors: Iterable[Iterable[int]],
+              incarnations: Iterable[tuple[int, int]] = ()) -> TargetMap:
         return cls(epoch=epoch, proposer=proposer, owners=bytes(owners),
-                   successors=tuple(bytes(c) for c in successors))
+                   successors=tuple(bytes(c) for c in successors),
+                   incarnations=tuple(sorted(set(incarnations))))
 
     @classmethod
     def from_owner_map(cls, om: Any, *, proposer: int) -> TargetMap:

@@ -102,7 +102,10 @@ class Farm:
 
     def start(self, n: int, *, role: str = "node", resume: frozenset[int] = frozenset(),
               ready: bool = True) -> SimNode:
-        inc = self.incarnations.get(n, 0) + 1
+        # Like the daemon's start-time-based incarnation: above any earlier one, including
+        # the +1 a core takes when it releases.
+        prev = self.nodes[n].core.incarnation if n in self.nodes else 0
+        inc = max(self.incarnations.get(n, 0), prev) + 1
         self.incarnations[n] = inc
         core = Membership(
             node_id=n, nodes=self.node_ids, buckets=self.buckets, timing=self.timing,
@@ -179,7 +182,9 @@ class Farm:
 
             self.at(self.now + self.safety_pass, lambda: self._interact(node, claim))
         elif isinstance(ev, MapBootstrapNeeded) and self.bootstrap:
-            m = round_robin_map(self.node_ids, self.buckets, proposer=node.node_id)
+            members = [mi.node_id for mi in ev.members if mi.ready]
+            epoch = core.map.epoch + 1 if core.map is not None else 1
+            m = round_robin_map(members, self.buckets, epoch=epoch, proposer=node.node_id)
             self.at(self.now, lambda: self._interact(node, lambda: core.propose_map(m, self.now)))
 
     # ---------------------------------------------------------------- network
