@@ -169,7 +169,7 @@ def test_key_layout_property(src: bytes, dst: bytes, sp: int, dp: int, zone: int
 
 leaves = (st.none() | st.integers(-(2**63), 2**64 - 1) | st.binary(max_size=20)
           | st.text(max_size=5) | st.booleans() | st.floats(allow_nan=False))
-values = st.recursive(leaves, lambda inner: st.lists(inner, max_size=6), max_leaves=30)
+values = st.recursive(leaves, lambda inner: st.lists(inner, max_size=5), max_leaves=10)
 
 
 @given(st.lists(values, min_size=14, max_size=16), st.booleans())
