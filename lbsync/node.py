@@ -521,8 +521,7 @@ class Node:
             return
         if now - self.started < STARTUP_SETTLE:
             return
-        pending = getattr(self.ep.receiver, "_requests", [])
-        if pending:
+        if self.ep.receiver.pending_resyncs():
             return
         self._ready_at = now
         self.ms.set_local(now, ready=True)
