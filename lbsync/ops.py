@@ -1,0 +1,276 @@
+"""Operator commands, daemon side: the control handlers behind ``lbsync map``, ``resync`` and
+``drill``, and the per-bucket snapshot the metrics exporter also reads.
+
+Nothing here decides ownership: the map snapshot reads what membership agreed (the target map)
+and what every node reported owning in its last heartbeat (actual ownership); ``resync`` asks
+the replication endpoint for resync streams; the drill hooks make *this* node fail the way a
+dead node does (or count resets) so the farm's own takeover path can be rehearsed.
+
+Handlers (``{name: async handler(args)}``, merged into the daemon's control socket):
+
+- ``map``: :func:`map_snapshot` (``explain``: one bucket's chain and why it is where it is).
+- ``resync``: ask the owners for a fresh stream of ``buckets`` (all: every peer's owned
+  buckets); answers at once with what was asked; completion shows in ``resync-status``.
+- ``resync-status``: pending requests and resyncs completed so far.
+- ``drill-fail``: stop forwarding at once (empty ``@owned``) and then hang the daemon's loop for
+  ``duration`` seconds: no heartbeats, no lease refresh, exactly like a hung or dead node (its
+  peers detect it, declare it lost and take its buckets over). After the hang the node finds it
+  was declared lost, releases and rejoins as a new incarnation through the readiness gate.
+- ``drill-counters``: ``install``/``read``/``remove`` the reset counters
+  (``table inet lbsync_drill``: ``tcp flags rst`` counted on the forward and output hooks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from lbsync.nft import NftError, run_nft
+
+log = logging.getLogger(__name__)
+
+DRILL_TABLE = "lbsync_drill"
+MAX_DRILL_HANG = 60.0
+# The drill's reset counters: RSTs this node forwards (flows it owns) and RSTs its own stack
+# sends. Separate table, so the lbsync ruleset is never touched; priority after filter.
+DRILL_RULES = f"""table inet {DRILL_TABLE} {{
+    counter forwarded_rst {{ }}
+    counter local_rst {{ }}
+    chain forward {{
+        type filter hook forward priority 10; policy accept;
+        tcp flags & rst == rst counter name forwarded_rst
+    }}
+    chain output {{
+        type filter hook output priority 10; policy accept;
+        tcp flags & rst == rst counter name local_rst
+    }}
+}}
+"""
+
+Handler = Callable[[Mapping[str, Any]], Awaitable[Any]]
+
+
+class OpsError(Exception):
+    """A bad operator request (answered as a one-line control error)."""
+
+
+def reported_owners(node: Any) -> dict[int, list[int]]:
+    """Actual owners as this node knows them: its own claimed buckets, and per peer the
+    bitmap of its last heartbeat (fenced or not). A bucket may show 0 or several owners
+    while a takeover or a fence is in flight."""
+    ms = node.ms
+    out: dict[int, list[int]] = {b: [] for b in range(node.B)}
+    for b in ms.owned:
+        out[b].append(node.node_id)
+    # membership keeps peers' reported bitmaps privately; read-only here
+    for p in getattr(ms, "_peers", {}).values():
+        hb = p.last_hb
+        if hb is None or hb.witness or p.state.value == "lost":
+            continue
+        for b in p.owned:
+            out[b].append(p.node_id)
+    return out
+
+
+def map_snapshot(node: Any) -> dict[str, Any]:
+    """Target and actual owner of every bucket, per-node counts, store entries per bucket."""
+    tm = node.ms.map
+    actual = reported_owners(node)
+    nodes = sorted(node.cfg.node_ids)
+    rows = []
+    counts = {n: {"target": 0, "actual": 0} for n in nodes}
+    for b in range(node.B):
+        target = tm.owner(b) if tm is not None else 0
+        owners = sorted(actual[b])
+        if target in counts:
+            counts[target]["target"] += 1
+        for o in owners:
+            if o in counts:
+                counts[o]["actual"] += 1
+        rows.append({"bucket": b, "target": target, "actual": owners,
+                     "chain": list(tm.chain(b)) if tm is not None else [],
+                     "store_entries": node.store.count(b),
+                     "kernel_copies": len(node.in_kernel[b])})
+    peers = {p.node_id: {"state": p.state, "ready": p.ready, "fenced": p.fenced,
+                         "incarnation": p.incarnation}
+             for p in node.ms.statistics().peers}
+    peers[node.node_id] = {"state": "self", "ready": node.ms.ready, "fenced": node.ms.fenced,
+                           "incarnation": node.ms.incarnation}
+    return {
+        "node_id": node.node_id,
+        "buckets": node.B,
+        "map_epoch": tm.epoch if tm is not None else 0,
+        "map_proposer": tm.proposer if tm is not None else 0,
+        "rows": rows,
+        "counts": {str(n): c for n, c in counts.items()},
+        "members": {str(n): v for n, v in sorted(peers.items())},
+        "misplaced": sum(1 for r in rows if r["actual"] != [r["target"]]),
+        "unowned": sum(1 for r in rows if not r["actual"]),
+        "multiple": sum(1 for r in rows if len(r["actual"]) > 1),
+    }
+
+
+def explain_bucket(node: Any, bucket: int) -> dict[str, Any]:
+    """One bucket: target, actual owners, fallback chain, and why (in words)."""
+    if not 0 <= bucket < node.B:
+        raise OpsError(f"bucket {bucket} out of range 0..{node.B - 1}")
+    snap = map_snapshot(node)
+    row = snap["rows"][bucket]
+    members = snap["members"]
+    why: list[str] = []
+    tm = node.ms.map
+    if tm is None:
+        why.append("no agreed map yet: nobody may claim this bucket")
+    else:
+        why.append(f"map epoch {tm.epoch} (proposed by node {tm.proposer}) puts it on node "
+                   f"{row['target']}; if that node dies it goes to the first live node of "
+                   f"{row['chain'][1:] or 'nothing'}")
+        inc = tm.incarnation_of(row["target"]) if row["target"] else 0
+        if inc:
+            why.append(f"the map was computed for node {row['target']} incarnation {inc}")
+    if row["actual"] == [row["target"]]:
+        why.append("actual owner = target owner")
+    elif not row["actual"]:
+        why.append("nobody reports owning it right now (takeover in flight, or fenced owner)")
+    elif len(row["actual"]) > 1:
+        why.append(f"several nodes report owning it: {row['actual']} (one is fenced or a "
+                   f"report is stale)")
+    else:
+        why.append(f"actually owned by node {row['actual'][0]}: ownership moves only by "
+                   f"takeover or handoff, never by a new map")
+    return {"bucket": bucket, **row, "map_epoch": snap["map_epoch"],
+            "members": members, "why": why}
+
+
+class Ops:
+    """The operator handlers of one node."""
+
+    def __init__(self, node: Any) -> None:
+        self.node = node
+        self.resyncs_requested = 0
+        self.drills = 0
+        self.last_fail_monotonic: float | None = None
+
+    def handlers(self) -> dict[str, Handler]:
+        return {"map": self.map, "resync": self.resync, "resync-status": self.resync_status,
+                "drill-fail": self.drill_fail, "drill-counters": self.drill_counters}
+
+    async def map(self, args: Mapping[str, Any]) -> Any:
+        explain = args.get("explain")
+        if explain is not None:
+            return explain_bucket(self.node, _int(explain, "bucket"))
+        return map_snapshot(self.node)
+
+    def _resync_status(self) -> dict[str, Any]:
+        node = self.node
+        rs = node.ep.receiver.statistics()
+        return {"pending": node.ep.receiver.pending_resyncs(),
+                "completed": rs.resyncs_completed, "requests_sent": rs.resync_requests,
+                "buckets_resynced": node.c["buckets_resynced"],
+                "store_entries": len(node.store)}
+
+    async def resync(self, args: Mapping[str, Any]) -> Any:
+        """Ask owners to stream buckets again (one bucket: its actual owner; none: every peer
+        for everything it owns). The store is replaced bucket by bucket as answers end."""
+        node = self.node
+        now = node.loop.time()
+        bucket = args.get("bucket")
+        asked: dict[int, list[int]] = {}
+        if bucket is not None:
+            b = _int(bucket, "bucket")
+            if not 0 <= b < node.B:
+                raise OpsError(f"bucket {b} out of range 0..{node.B - 1}")
+            owners = [o for o in reported_owners(node)[b] if o != node.node_id]
+            if b in node.owned:
+                raise OpsError(f"bucket {b} is owned by this node: its kernel is the source")
+            if not owners:
+                raise OpsError(f"bucket {b} has no live owner to resync from")
+            node.ep.request_resync(owners[0], (b,), now)
+            asked[owners[0]] = [b]
+        else:
+            peers = [p.node_id for p in node.ms.statistics().peers
+                     if p.state in ("alive", "leaving") and p.owned]
+            for peer in peers:
+                node.ep.request_resync(peer, (), now)
+                asked[peer] = []
+        if node.transport is not None:
+            node.transport.pump()
+        self.resyncs_requested += 1
+        log.info("ops.resync asked=%s", asked)
+        return {"asked": {str(k): v for k, v in asked.items()}, **self._resync_status()}
+
+    async def resync_status(self, _args: Mapping[str, Any]) -> Any:
+        return self._resync_status()
+
+    async def drill_fail(self, args: Mapping[str, Any]) -> Any:
+        """Fail like a dead node: empty ``@owned`` now, then hang the loop for ``duration``."""
+        node = self.node
+        duration = float(args.get("duration", 0))
+        if not 0 < duration <= MAX_DRILL_HANG:
+            raise OpsError(f"duration must be in (0, {MAX_DRILL_HANG:.0f}] seconds")
+        owned = sorted(node.owned)
+        self.drills += 1
+
+        def hang() -> None:
+            t0 = time.monotonic()
+            self.last_fail_monotonic = t0
+            try:
+                node.nft.update_marks("owned", (), range(node.B))
+            except Exception as exc:  # the drill must hang even if the set is gone
+                log.error("ops.drill_fence_failed error=%s", exc)
+            log.warning("ops.drill_fail hanging=%.1f s owned=%d", duration, len(owned))
+            # A hung daemon, on purpose: no heartbeat, no lease refresh, no replication.
+            time.sleep(duration)
+            log.warning("ops.drill_fail resumed after=%.3f s", time.monotonic() - t0)
+
+        # after this answer has been written
+        node.loop.call_later(0.05, hang)
+        return {"node_id": node.node_id, "owned": owned, "incarnation": node.ms.incarnation,
+                "duration": duration, "hang_after_s": 0.05}
+
+    async def drill_counters(self, args: Mapping[str, Any]) -> Any:
+        action = args.get("action")
+        if action == "install":
+            await asyncio.to_thread(_nft_quiet, ["delete", "table", "inet", DRILL_TABLE])
+            await asyncio.to_thread(run_nft, ["-f", "-"], input=DRILL_RULES)
+            return {"installed": True}
+        if action == "read":
+            return await asyncio.to_thread(read_drill_counters)
+        if action == "remove":
+            return {"removed": await asyncio.to_thread(
+                _nft_quiet, ["delete", "table", "inet", DRILL_TABLE])}
+        raise OpsError("drill-counters action must be install, read or remove")
+
+
+def read_drill_counters(netns: str | None = None) -> dict[str, int]:
+    """Packets counted by the drill's reset counters (0 when the table is missing)."""
+    import json
+
+    out = {"forwarded_rst": 0, "local_rst": 0}
+    try:
+        text = run_nft(["-j", "list", "table", "inet", DRILL_TABLE], netns=netns)
+    except NftError:
+        return out
+    for obj in json.loads(text).get("nftables", []):
+        c = obj.get("counter")
+        if c and c.get("name") in out:
+            out[c["name"]] = int(c.get("packets", 0))
+    return out
+
+
+def _nft_quiet(args: list[str]) -> bool:
+    try:
+        run_nft(args)
+    except NftError:
+        return False
+    return True
+
+
+def _int(value: Any, what: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise OpsError(f"{what} must be an integer, not {value!r}") from None
