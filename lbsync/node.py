@@ -255,6 +255,11 @@ class Node:
         self._membership_changed()
         self._spawn(self._kernel_writer(), "kernel-writer")
         self._schedule_digests()
+        self.metrics: Any = None
+        if self.cfg.metrics.listen:  # prometheus_client is imported only when enabled
+            from lbsync.metrics import start_for_node
+
+            self.metrics = await start_for_node(self)
         log.info("node.started node=%d incarnation=%d buckets=%d", self.node_id,
                  self.incarnation, self.B)
         await self.transport.closed
@@ -650,7 +655,10 @@ class Node:
             b = int(args["bucket"])
             return {k.hex(): _plain(FlowRecord.unpack(v)) for k, v in self.store.flows(b).items()}
 
-        return {"store": store, "store-corrupt": corrupt, "store-records": records}
+        from lbsync.ops import Ops  # operator commands: map, resync, drill hooks
+
+        return {"store": store, "store-corrupt": corrupt, "store-records": records,
+                **Ops(self).handlers()}
 
 
 def target_map(om: OwnerMap, *, proposer: int, depth: int | None = None) -> TargetMap:
