@@ -1005,7 +1005,7 @@ class Membership:
         for n, p in sorted(self._peers.items()):
             if p.state is PeerState.UNKNOWN:
                 continue
-            age = min(MAX_AGE_MS, max(0, int((now - p.last_heard) * 1000)))
+            age = int(min(MAX_AGE_MS, max(0.0, (now - p.last_heard) * 1000)))
             echo = p.last_seq if p.state is not PeerState.LOST else 0
             reports.append(PeerReport(n, p.incarnation, age, echo, p.lost_incarnation))
         m = self._map

@@ -79,6 +79,14 @@ class Heartbeat:
     """Remaining planned-shutdown grace (0: not leaving)."""
     peers: tuple[PeerReport, ...]
 
+    @classmethod
+    def from_wire(cls, obj: Any) -> Heartbeat:
+        """Decode a wire object that must be a Heartbeat, else :class:`MembershipWireError`."""
+        msg = decode(obj)
+        if not isinstance(msg, cls):
+            raise MembershipWireError(f"expected a Heartbeat, got {type(msg).__name__}")
+        return msg
+
     def to_wire(self) -> list[Any]:
         flags = ((FLAG_READY if self.ready else 0) | (FLAG_FENCED if self.fenced else 0)
                  | (FLAG_DRAINED if self.drained else 0) | (FLAG_WITNESS if self.witness else 0))
@@ -95,6 +103,14 @@ class MapRequest:
     epoch: int
     proposer: int
 
+    @classmethod
+    def from_wire(cls, obj: Any) -> MapRequest:
+        """Decode a wire object that must be a MapRequest, else :class:`MembershipWireError`."""
+        msg = decode(obj)
+        if not isinstance(msg, cls):
+            raise MembershipWireError(f"expected a MapRequest, got {type(msg).__name__}")
+        return msg
+
     def to_wire(self) -> list[Any]:
         return [KIND_MAP_REQUEST, VERSION, self.node_id, self.epoch, self.proposer]
 
@@ -105,6 +121,14 @@ class MapOffer:
 
     node_id: int
     map: TargetMap
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> MapOffer:
+        """Decode a wire object that must be a MapOffer, else :class:`MembershipWireError`."""
+        msg = decode(obj)
+        if not isinstance(msg, cls):
+            raise MembershipWireError(f"expected a MapOffer, got {type(msg).__name__}")
+        return msg
 
     def to_wire(self) -> list[Any]:
         m = self.map

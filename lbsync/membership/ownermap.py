@@ -159,11 +159,29 @@ class TargetMap:
                    incarnations=tuple(sorted(set(incarnations))))
 
     @classmethod
-    def from_owner_map(cls, om: Any, *, proposer: int) -> TargetMap:
-        """Adapter from a ``hashing`` OwnerMap (``epoch``, ``owners``, ``successors``)."""
-        succ = om.successors
-        chains = [tuple(succ(k)) if callable(succ) else tuple(succ[k])
-                  for k in range(len(om.owners))]
-        cleaned = [[n for n in c if n != om.owners[k]] for k, c in enumerate(chains)]
-        return cls.build(epoch=int(om.epoch), proposer=proposer, owners=list(om.owners),
-                         successors=cleaned)
+    def from_owner_map(cls, om: Any, *, proposer: int, depth: int = 3) -> TargetMap:
+        """From a ``hashing.ownermap.OwnerMap``: owners, epoch, and each bucket's chain of
+        successors up to ``depth`` deep, following ``successor_map`` (the map after the owner
+        fails, then after that map's owner fails...), so the chain is the sequence of owners
+        ``hashing`` itself would give the bucket as its owners fail one after the other."""
+        owners = [int(o) for o in om.owners]
+        cache: dict[tuple[int, ...], Any] = {(): om}
+
+        def after(dead: tuple[int, ...]) -> Any:
+            if dead not in cache:
+                cache[dead] = after(dead[:-1]).successor_map(dead[-1])
+            return cache[dead]
+
+        chains: list[list[int]] = []
+        for k, o in enumerate(owners):
+            chain: list[int] = []
+            dead: tuple[int, ...] = (o,) if o != NO_OWNER else ()
+            while dead and len(chain) < depth:
+                nxt = int(after(dead).owners[k])
+                if nxt == NO_OWNER or nxt in dead:
+                    break
+                chain.append(nxt)
+                dead = (*dead, nxt)
+            chains.append(chain)
+        return cls.build(epoch=int(om.epoch), proposer=proposer, owners=owners,
+                         successors=chains)
