@@ -1,5 +1,7 @@
-"""Operator commands: ``lbsync notify`` (keepalived notify scripts -> the daemon) and
-``lbsync keepalived-config`` (print a node's keepalived.conf)."""
+"""Operator commands: ``lbsync notify`` (keepalived notify scripts -> the daemon),
+``lbsync keepalived-config`` (print a node's keepalived.conf), and the farm commands
+``lbsync map``, ``lbsync resync`` and ``lbsync drill fail`` (:func:`register_farm_commands`;
+daemon side in :mod:`lbsync.ops`, the drill in :mod:`lbsync.drill`)."""
 
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ def register(sub: Any) -> None:
                    help="also run CMD as every instance's notify script, e.g. "
                         "'/usr/bin/lbsync notify --node-id 1' (the FIFO is preferred)")
     k.set_defaults(func=_keepalived_config)
+    register_farm_commands(sub)
 
 
 def _usage(message: str) -> Exception:
@@ -114,3 +117,150 @@ def _keepalived_config(args: argparse.Namespace) -> int:
         raise _usage(f"keepalived-config: {exc}") from None
     sys.stdout.write(text)
     return 0
+
+
+# ------------------------------------------------------------------ farm commands
+
+
+def register_farm_commands(sub: Any) -> None:
+    m = sub.add_parser("map", help="target and actual owner of every bucket",
+                       description="Asks this node's daemon for the agreed target map and the "
+                                   "owners every node reports (heartbeats).")
+    _common(m)
+    m.add_argument("--explain", type=int, default=None, metavar="BUCKET",
+                   help="one bucket: owners, fallback chain and why")
+    m.add_argument("--json", action="store_true", help="machine-readable output")
+    m.set_defaults(func=_map)
+    r = sub.add_parser("resync", help="force a resync of the standby store from the owners")
+    _common(r)
+    r.add_argument("--bucket", type=int, default=None, metavar="B",
+                   help="only this bucket (from its actual owner); default: everything")
+    r.add_argument("--wait", type=float, default=30.0, metavar="S",
+                   help="wait up to S seconds for the answers (0: do not wait)")
+    r.add_argument("--json", action="store_true", help="machine-readable output")
+    r.set_defaults(func=_resync)
+    d = sub.add_parser("drill", help="rehearse a failure on the live farm")
+    dsub = d.add_subparsers(dest="drill", metavar="KIND")
+    dsub.required = True
+    f = dsub.add_parser("fail", help="NODE stops forwarding without handoff; measure the "
+                                     "takeover; restore it")
+    f.add_argument("node", type=int, metavar="NODE", help="the node to fail")
+    _common(f)
+    f.add_argument("--duration", type=float, default=3.0, metavar="S",
+                   help="how long the node stays failed (default %(default)s s)")
+    f.add_argument("--timeout", type=float, default=20.0, metavar="S",
+                   help="give up when the farm has not reacted within S seconds")
+    f.add_argument("--json", action="store_true", help="print the report as JSON")
+    f.set_defaults(func=_drill_fail)
+
+
+def _query(args: argparse.Namespace, cmd: str, cmd_args: dict[str, Any] | None = None) -> Any:
+    from lbsync.daemon_cli import query
+
+    return query(args, cmd, cmd_args)
+
+
+def _map(args: argparse.Namespace) -> int:
+    import json
+
+    if args.explain is not None:
+        res = _query(args, "map", {"explain": args.explain})
+        if args.json:
+            print(json.dumps(res, indent=2, sort_keys=True))
+            return 0
+        print(f"bucket {res['bucket']}: target node {res['target']}, actual "
+              f"{', '.join(map(str, res['actual'])) or 'none'}, chain "
+              f"{' > '.join(map(str, res['chain'])) or '-'}, {res['store_entries']} entries")
+        for line in res["why"]:
+            print(f"  {line}")
+        return 0
+    res = _query(args, "map")
+    if args.json:
+        print(json.dumps(res, indent=2, sort_keys=True))
+        return 0
+    print(render_map(res))
+    return 0
+
+
+def render_map(res: dict[str, Any]) -> str:
+    lines = [f"map epoch {res['map_epoch']} (proposer {res['map_proposer']}), "
+             f"{res['buckets']} buckets, seen from node {res['node_id']}"]
+    lines.append("node  target  actual  state")
+    for n, c in res["counts"].items():
+        mem = res["members"].get(n, {})
+        state = mem.get("state", "?") + (" fenced" if mem.get("fenced") else "") + \
+            ("" if mem.get("ready") else " not-ready")
+        lines.append(f"{n:>4}  {c['target']:>6}  {c['actual']:>6}  {state}")
+    lines.append(f"misplaced {res['misplaced']}  unowned {res['unowned']}  "
+                 f"multiple owners {res['multiple']}")
+    lines.append("bucket  target  actual  entries")
+    for row in res["rows"]:
+        actual = ",".join(map(str, row["actual"])) or "-"
+        flag = "" if row["actual"] == [row["target"]] else "  *"
+        lines.append(f"{row['bucket']:>6}  {row['target']:>6}  {actual:>6}  "
+                     f"{row['store_entries']:>7}{flag}")
+    return "\n".join(lines)
+
+
+def _resync(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    if args.bucket is not None and args.bucket < 0:
+        raise _usage("resync: --bucket must be >= 0")
+    if args.wait < 0:
+        raise _usage("resync: --wait must be >= 0")
+    cmd_args = {} if args.bucket is None else {"bucket": args.bucket}
+    res = _query(args, "resync", cmd_args)
+    done = res
+    deadline = time.monotonic() + args.wait
+    while args.wait and done["pending"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+        done = _query(args, "resync-status")
+    out = {"asked": res["asked"], "pending": done["pending"],
+           "resyncs_completed": done["completed"] - res["completed"],
+           "buckets_resynced": done["buckets_resynced"] - res["buckets_resynced"],
+           "store_entries_before": res["store_entries"], "store_entries": done["store_entries"]}
+    if args.json:
+        print(json.dumps(out, indent=2, sort_keys=True))
+    else:
+        who = ", ".join(f"node {k}" + (f" (bucket {v[0]})" if v else "")
+                        for k, v in out["asked"].items()) or "nobody"
+        print(f"asked {who}; {out['resyncs_completed']} resyncs completed, "
+              f"{out['buckets_resynced']} buckets resynced, store "
+              f"{out['store_entries_before']} -> {out['store_entries']} entries"
+              + (f"; {out['pending']} still pending" if out["pending"] else ""))
+    return 0 if not out["pending"] or not args.wait else 1
+
+
+def _drill_fail(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from lbsync.drill import DrillError, Farm, render_report, run_fail_drill
+
+    cfg = load_cluster(args.config)
+    if args.node not in cfg.node_ids:
+        raise _usage(f"drill fail: node {args.node} is not in the cluster "
+                     f"({', '.join(map(str, cfg.node_ids))})")
+    if not 0 < args.duration <= 60:
+        raise _usage("drill fail: --duration must be in (0, 60] seconds")
+    if args.timeout <= 0:
+        raise _usage("drill fail: --timeout must be > 0")
+    farm = Farm({n: cfg.runtime_path(n, "sock") for n in cfg.node_ids})
+
+    def progress(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr if args.json else
+              sys.stdout, flush=True)
+
+    try:
+        report = run_fail_drill(farm, args.node, duration=args.duration, timeout=args.timeout,
+                                progress=progress)
+    except (DrillError, ControlError) as exc:
+        sys.stderr.write(f"lbsync: drill failed: {exc}\n")
+        return 1
+    if args.json:
+        print(json.dumps(report, sort_keys=True))
+    else:
+        print(render_report(report))
+    return 0 if report["restored"] else 1

@@ -1,0 +1,197 @@
+"""``lbsync drill fail NODE``: rehearse a node failure on a live farm and measure the reaction.
+
+The drill talks to the daemons' control sockets (``/run/lbsync/<cluster>-<id>.sock``): every
+node's that this host can reach (all of them in the lab; on a real farm run it where the
+sockets are forwarded, e.g. over ssh). Steps, each reported through ``progress`` as it happens:
+
+1. Snapshot the farm: the victim's owned buckets, every node's takeover log.
+2. Install reset counters (``tcp flags rst``, forwarded and locally sent) on every node.
+3. The victim fails without handoff: it empties its ``@owned`` set at once and its daemon hangs
+   for ``duration`` seconds (no heartbeats, no lease refresh): the same thing the farm sees
+   when a node dies (:mod:`lbsync.ops`, ``drill-fail``).
+4. The farm reacts: survivors detect the silence, declare the victim lost, decide and claim
+   its buckets (commit, then claim). The drill waits until its buckets are claimed.
+5. Restore: the victim's daemon resumes, finds itself declared lost, releases and rejoins as a
+   new incarnation owning nothing (its buckets come back only by planned handoff, not built).
+6. Report: detection, decision, commit and claim times per survivor (each from its own clock:
+   no clock is compared across machines), buckets moved, resets counted, the victim's state.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from lbsync.control import ControlError, call
+
+Progress = Callable[[str], None]
+
+
+class DrillError(Exception):
+    """The drill could not run or its farm did not react in time (one line)."""
+
+
+class Farm:
+    """The control sockets the drill reaches, by node id."""
+
+    def __init__(self, sockets: Mapping[int, Path], timeout: float = 5.0) -> None:
+        self.sockets = dict(sockets)
+        self.timeout = timeout
+
+    def request(self, node: int, cmd: str, args: dict[str, Any] | None = None) -> Any:
+        return call(self.sockets[node], cmd, args, timeout=self.timeout)
+
+    def status(self, node: int) -> dict[str, Any] | None:
+        try:
+            st = self.request(node, "status")
+        except (ControlError, OSError):
+            return None
+        return st if isinstance(st, dict) else None
+
+
+def _ms(x: float | None) -> float | None:
+    return None if x is None else round(x * 1000.0, 1)
+
+
+def run_fail_drill(farm: Farm, victim: int, *, duration: float = 3.0, timeout: float = 20.0,
+                   progress: Progress = lambda _m: None) -> dict[str, Any]:
+    """Run the drill (see the module docstring); the report as a plain dict."""
+    if victim not in farm.sockets:
+        raise DrillError(f"node {victim} is not in the cluster file")
+    before = {n: farm.status(n) for n in farm.sockets}
+    vst = before[victim]
+    if vst is None:
+        raise DrillError(f"node {victim}'s daemon does not answer on {farm.sockets[victim]}")
+    survivors = [n for n, st in before.items() if st is not None and n != victim]
+    if not survivors:
+        raise DrillError("no other node's daemon answers: nobody could take over")
+    if vst.get("fenced") or not vst.get("ready"):
+        raise DrillError(f"node {victim} is not ready and forwarding: nothing to rehearse")
+    victim_buckets = sorted(vst.get("forwarding", []))
+    if not victim_buckets:
+        raise DrillError(f"node {victim} forwards no bucket: nothing would move")
+    victim_inc = int(vst["membership"]["incarnation"])
+    seen = {n: {(t["dead_node"], t["claimed_monotonic"]) for t in st["takeovers"]}
+            for n in survivors if (st := before[n]) is not None}
+    progress(f"farm: {len(farm.sockets)} nodes, {len(survivors)} survivors answer; node "
+             f"{victim} (incarnation {victim_inc}) forwards {len(victim_buckets)} buckets")
+    for n in [victim, *survivors]:
+        farm.request(n, "drill-counters", {"action": "install"})
+    rst0 = {n: farm.request(n, "drill-counters", {"action": "read"})
+            for n in [victim, *survivors]}
+    progress("reset counters installed on every node (tcp flags rst: forwarded, local)")
+    t_fail = time.monotonic()
+    farm.request(victim, "drill-fail", {"duration": duration})
+    progress(f"node {victim} fails now: @owned emptied, daemon hung for {duration:.1f} s "
+             f"(no handoff)")
+    claims: dict[int, list[dict[str, Any]]] = {}
+    records: dict[int, list[dict[str, Any]]] = {}
+    announced: set[int] = set()
+    deadline = time.monotonic() + timeout
+    got: set[int] = set()
+    while time.monotonic() < deadline:
+        for n in survivors:
+            st = farm.status(n)
+            if st is None:
+                continue
+            new = [t for t in st["takeovers"] if t["dead_node"] == victim
+                   and (t["dead_node"], t["claimed_monotonic"]) not in seen[n]]
+            claims[n] = new
+            records[n] = [r for r in st["membership"]["takeover_records"]
+                          if r["dead_node"] == victim
+                          and r["dead_incarnation"] == victim_inc]
+            if new and n not in announced:
+                announced.add(n)
+                progress(f"node {n} claimed {sum(t['claimed'] for t in new)} buckets "
+                         f"(commit {_ms(new[-1]['safety_pass_s'])} ms, claim "
+                         f"{_ms(new[-1]['claim_s'])} ms)")
+        got = {b for ts in claims.values() for t in ts for b in t["buckets"]}
+        if set(victim_buckets) <= got:
+            break
+        time.sleep(0.05)
+    else:
+        missing = sorted(set(victim_buckets) - got)
+        raise DrillError(f"survivors did not claim {len(missing)} of node {victim}'s buckets "
+                         f"within {timeout:.0f} s")
+    t_claimed = time.monotonic()
+    progress(f"all {len(victim_buckets)} buckets of node {victim} claimed "
+             f"{(t_claimed - t_fail) * 1000:.0f} ms after the failure (polling resolution)")
+    # restore: the hang ends by itself; wait for the victim to rejoin
+    restored = None
+    end = time.monotonic() + duration + timeout
+    while time.monotonic() < end:
+        st = farm.status(victim)
+        if st is not None and not st.get("fenced") and st.get("ready") and \
+                int(st["membership"]["incarnation"]) > victim_inc:
+            restored = st
+            break
+        time.sleep(0.1)
+    if restored is None:
+        progress(f"node {victim} did not rejoin within {duration + timeout:.0f} s")
+    else:
+        progress(f"node {victim} restored: rejoined as incarnation "
+                 f"{restored['membership']['incarnation']}, owning "
+                 f"{len(restored['forwarding'])} buckets, {restored['store_entries']} standby "
+                 f"entries")
+    rst1 = {n: farm.request(n, "drill-counters", {"action": "read"})
+            for n in [victim, *survivors]}
+    for n in [victim, *survivors]:
+        farm.request(n, "drill-counters", {"action": "remove"})
+    resets = {str(n): {k: rst1[n][k] - rst0[n].get(k, 0) for k in rst1[n]} for n in rst1}
+    per_node = {}
+    for n in survivors:
+        recs = records.get(n, [])
+        rec = recs[-1] if recs else None
+        ts = claims.get(n, [])
+        if not ts and rec is None:
+            continue
+        heard = rec["last_heard_at"] if rec else None
+        per_node[str(n)] = {
+            "buckets": sorted(b for t in ts for b in t["buckets"]),
+            "detection_ms": _ms(rec["declared_at"] - heard) if rec else None,
+            "decision_ms": _ms(rec["decided_at"] - rec["declared_at"]) if rec else None,
+            "commit_ms": _ms(sum(t["safety_pass_s"] for t in ts)),
+            "injected": sum(t["injected"] for t in ts),
+            "claim_ms": _ms(sum(t["claim_s"] for t in ts)),
+            "outage_ms": _ms(rec["claimed_at"] - heard)
+            if rec and rec.get("claimed_at") is not None else None,
+        }
+    outages = [v["outage_ms"] for v in per_node.values() if v["outage_ms"] is not None]
+    report = {
+        "drill": "fail", "victim": victim, "victim_incarnation": victim_inc,
+        "duration_s": duration,
+        "buckets_moved": len(got & set(victim_buckets)),
+        "victim_buckets": victim_buckets,
+        "claimed_by": {k: len(v["buckets"]) for k, v in per_node.items()},
+        "detection_ms": max((v["detection_ms"] for v in per_node.values()
+                             if v["detection_ms"] is not None), default=None),
+        "commit_ms": max((v["commit_ms"] for v in per_node.values()), default=None),
+        "claim_ms": max((v["claim_ms"] for v in per_node.values()), default=None),
+        "outage_ms": max(outages, default=None),
+        "fail_to_claimed_ms_polled": round((t_claimed - t_fail) * 1000.0, 1),
+        "resets": sum(r["forwarded_rst"] + r["local_rst"] for r in resets.values()),
+        "resets_by_node": resets,
+        "survivors": per_node,
+        "restored": restored is not None,
+        "victim_after": None if restored is None else {
+            "incarnation": restored["membership"]["incarnation"],
+            "forwarding": len(restored["forwarding"]),
+            "store_entries": restored["store_entries"]},
+    }
+    return report
+
+
+def render_report(r: Mapping[str, Any]) -> str:
+    lines = [f"drill fail node {r['victim']}: {r['buckets_moved']} buckets moved "
+             f"({', '.join(f'node {k}: {v}' for k, v in r['claimed_by'].items())})",
+             f"  detection {r['detection_ms']} ms, commit {r['commit_ms']} ms, claim "
+             f"{r['claim_ms']} ms, outage (last heard -> claimed) {r['outage_ms']} ms",
+             f"  resets counted by nft: {r['resets']}",
+             f"  node {r['victim']} restored: {r['restored']}"]
+    for n, v in r["survivors"].items():
+        lines.append(f"  node {n}: {len(v['buckets'])} buckets, detection {v['detection_ms']} "
+                     f"ms, decision {v['decision_ms']} ms, commit {v['commit_ms']} ms "
+                     f"({v['injected']} injected), claim {v['claim_ms']} ms")
+    return "\n".join(lines)
