@@ -80,7 +80,9 @@ def test_bulk_work_yields_and_errors_are_matched(netns: NetnsSet) -> None:
     asyncio.run(scenario())
 
 
-def test_event_filters_by_mark_and_callable(netns: NetnsSet) -> None:
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_event_filters_by_mark_and_callable(netns: NetnsSet, loop: str) -> None:
+    """Also shows the adapter runs under uvloop (which refuses AF_NETLINK transports)."""
     ns = netns.add("flt")
     records = synthetic_records(2000, seed=9)
 
@@ -107,4 +109,11 @@ def test_event_filters_by_mark_and_callable(netns: NetnsSet) -> None:
             ct.close()
             other.close()
 
-    asyncio.run(scenario())
+    factory = None
+    if loop == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        assert (type(runner.get_loop()).__module__.split(".")[0] == "uvloop") == (
+            loop == "uvloop")
+        runner.run(scenario())
