@@ -389,6 +389,8 @@ class Membership:
         self._reported_owner: dict[int, tuple[int, int]] = {}
         self._bootstrap_asked = False
         self._rebuild_asked = b""
+        self._bitmap_cache: tuple[frozenset[int], bytes] = (
+            frozenset(), bitmap_from_buckets((), buckets))
         self._view_id = 0
         self._events: deque[Event] = deque()
         self._outbox: deque[tuple[int | None, MembershipMessage]] = deque()
@@ -602,7 +604,11 @@ class Membership:
             self._c["messages_from_strangers"] += 1
             return
         try:
-            owned = buckets_from_bitmap(hb.owned, self.nbuckets) if hb.owned else frozenset()
+            if p.last_hb is not None and p.last_hb.owned == hb.owned:
+                owned = p.owned  # the common case: nothing changed, skip the decode
+            else:
+                owned = buckets_from_bitmap(hb.owned, self.nbuckets) if hb.owned \
+                    else frozenset()
         except ValueError:
             self._c["bitmap_errors"] += 1
             return
@@ -994,6 +1000,12 @@ class Membership:
             return 0.0
         return max(0.0, self._leave_at + self._leave_grace - now)
 
+    def _owned_bitmap(self) -> bytes:
+        key = frozenset(self._owned)
+        if key != self._bitmap_cache[0]:
+            self._bitmap_cache = (key, bitmap_from_buckets(key, self.nbuckets))
+        return self._bitmap_cache[1]
+
     def _send_heartbeat(self, now: float) -> None:
         self._send_now = False
         self._seq += 1
@@ -1013,7 +1025,7 @@ class Membership:
             node_id=self.node_id, incarnation=self.incarnation, seq=self._seq,
             view_id=self._view_id, map_epoch=m.epoch if m else 0,
             map_proposer=m.proposer if m else 0, map_digest=m.digest if m else b"",
-            owned=bitmap_from_buckets(self._owned, self.nbuckets), ready=self.ready,
+            owned=self._owned_bitmap(), ready=self.ready,
             fenced=self._state is SelfState.FENCED, drained=self.drained,
             witness=self.role == "witness", weight=self.weight,
             grace_ms=int(grace * 1000), peers=tuple(reports))

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 NO_OWNER = 0
@@ -73,6 +73,7 @@ class TargetMap:
     """(node id, incarnation) of the members the map was computed for, sorted. A node's
     target buckets are its own only while it runs that incarnation: a restarted node never
     takes its old buckets back as orphans, and a dead incarnation leaves the map."""
+    _digest: bytes = field(default=b"", init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.epoch < 1:
@@ -87,6 +88,7 @@ class TargetMap:
         if list(self.incarnations) != sorted(set(self.incarnations)) or len(
                 {n for n, _ in self.incarnations}) != len(self.incarnations):
             raise ValueError("incarnations must be sorted, one per node")
+        object.__setattr__(self, "_digest", self._compute_digest())
 
     @property
     def nbuckets(self) -> int:
@@ -99,7 +101,10 @@ class TargetMap:
 
     @property
     def digest(self) -> bytes:
-        """16 bytes over the content (epoch, owners, chains), not the proposer."""
+        """16 bytes over the content (epoch, owners, chains, incarnations), not the proposer."""
+        return self._digest
+
+    def _compute_digest(self) -> bytes:
         h = hashlib.sha256(b"lbsync-map-v1")
         h.update(self.epoch.to_bytes(8, "big"))
         h.update(self.owners)

@@ -273,3 +273,13 @@ def test_unfenced_after_a_short_stall_keeps_its_buckets() -> None:
     assert node.forwards(farm.now) == owned
     assert farm.events(2, PeerLost) == [] and farm.events(3, PeerLost) == []
     assert farm.violations == []
+
+
+def test_the_load_test_can_fail_a_loop_slower_than_the_lease_is_fenced() -> None:
+    """Control for test_loaded_nodes_raise_no_false_alarm: the same farm with one node whose
+    every timer and delivery lags up to 250 ms does fence it (and peers notice)."""
+    farm = _bootstrapped([1, 2, 3], "default", seed=11)
+    farm.nodes[2].load = 0.25
+    farm.run_for(5.0)
+    assert farm.events(2, FenceRequired)
+    assert farm.violations == []

