@@ -38,7 +38,7 @@ async def _run(args: argparse.Namespace) -> dict[str, object]:
                              rng=random.Random(args.node_id))
     owned = [b for b in range(args.buckets) if nodes[b % len(nodes)] == args.node_id]
     for b in owned:
-        ep.claim(b, 1)
+        ep.claim(b, 1, loop.time())
     events: dict[str, int] = {}
 
     def on_event(e: Event) -> None:

@@ -82,9 +82,11 @@ class ReplicationEndpoint:
 
     # -- ownership and local changes ---------------------------------------------------------
 
-    def claim(self, bucket: int, owner_epoch: int) -> None:
-        """This node owns ``bucket`` from now on, under ``owner_epoch``."""
-        self.sender.claim(bucket, owner_epoch)
+    def claim(self, bucket: int, owner_epoch: int, now: float, *, announce: bool = True
+              ) -> None:
+        """This node owns ``bucket`` from now on, under ``owner_epoch``; with ``announce`` its
+        content is streamed to the peers (paced), so they reconcile with it."""
+        self.sender.claim(bucket, owner_epoch, now, announce=announce)
 
     def release(self, bucket: int) -> None:
         self.sender.release(bucket)

@@ -26,10 +26,10 @@ class ProtocolParams:
     idle_max: float = 1.0
     # A receiver waits uniform(0, nack_delay) before its first NACK for a gap, so that one
     # receiver's NACK, heard by the others, suppresses theirs: it must exceed the one-way delay.
-    nack_delay: float = 0.010
+    nack_delay: float = 0.015
     # At most one NACK datagram per interval per node: under heavy loss one NACK carries many
     # gaps (repair overhead), at the price of up to this much repair latency.
-    nack_interval: float = 0.025
+    nack_interval: float = 0.040
     nack_retry: float = 0.030
     nack_retry_max: float = 0.250
     # The sender answers a given sequence number at most once per hold-off: the duplicate NACKs

@@ -246,6 +246,7 @@ class Receiver:
             self.reorder_overflow += 1
             if seq + 1 > peer.end:
                 peer.end = seq + 1
+            self._deliver(peer, now)  # the numbers below it that fit the window become gaps
             raise RemoteProtocolError("reorder_overflow")
         try:
             messages = decode_body(body, h.type, self._limits)
@@ -383,7 +384,7 @@ class Receiver:
         last = unwrap(wire_last, peer.next)
         if last + 1 > peer.end:
             peer.end = last + 1
-            self._deliver(peer, now)
+        self._deliver(peer, now)
 
     def _overheard_nack(self, m: Nack, now: float) -> None:
         peer = self._peers.get(m.target)

@@ -157,12 +157,19 @@ class Sender:
 
     # -- ownership ---------------------------------------------------------------------------
 
-    def claim(self, bucket: int, owner_epoch: int) -> None:
-        """From now on this node writes ``bucket`` with ``owner_epoch``."""
+    def claim(self, bucket: int, owner_epoch: int, now: float, *, announce: bool = True) -> None:
+        """From now on this node writes ``bucket`` with ``owner_epoch``.
+
+        With ``announce`` (the default) the bucket's current content is streamed to the peers
+        as a paced resync answer: after a restart (the store rebuilt from the kernel holds
+        entries the new stream never carried, and lacks entries that ended meanwhile), after a
+        handover or a takeover (peers learn the new epoch and the new owner's exact state)."""
         if not 0 <= bucket < self._p.buckets or not 0 <= owner_epoch <= U32:
             raise LocalProtocolError(f"bad bucket {bucket} or owner_epoch {owner_epoch}")
         self._store.raise_epoch(bucket, owner_epoch)
         self._owned[bucket] = owner_epoch
+        if announce:
+            self.enqueue_resync((bucket,), None, 0, now)
 
     def release(self, bucket: int) -> None:
         """Stop writing ``bucket`` (its entries stay in the store)."""

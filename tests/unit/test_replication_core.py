@@ -90,7 +90,7 @@ def run(nodes: list[ReplicationEndpoint], until: float, now: float,
 
 def test_grouping_by_size_and_by_delay() -> None:
     a = ep(1)
-    a.claim(0, 1)
+    a.claim(0, 1, 0.0, announce=False)
     for i in range(30):
         a.update_flow(0, b"k%d" % i, b"r" * 100, 0.0)
     full = a.datagrams_to_send()
@@ -106,14 +106,14 @@ def test_grouping_by_size_and_by_delay() -> None:
 
 def test_history_bounded_in_datagrams_and_bytes() -> None:
     a = ep(1, ProtocolParams(buckets=8, history_datagrams=5, history_bytes=10**9))
-    a.claim(0, 1)
+    a.claim(0, 1, 0.0, announce=False)
     for i in range(20):
         a.update_flow(0, b"k%d" % i, b"r" * 1000, 0.0)
     a.flush(0.0)
     s = a.statistics().sender
     assert s.history_datagrams == 5 and s.oldest == s.next_seq - 5 and s.history_evicted == 15
     b = ep(1, ProtocolParams(buckets=8, history_datagrams=1000, history_bytes=3000))
-    b.claim(0, 1)
+    b.claim(0, 1, 0.0, announce=False)
     for i in range(20):
         b.update_flow(0, b"k%d" % i, b"r" * 1000, 0.0)
     b.flush(0.0)
@@ -122,7 +122,7 @@ def test_history_bounded_in_datagrams_and_bytes() -> None:
 
 def test_lost_datagram_nacked_and_retransmitted_byte_for_byte() -> None:
     a, b = ep(1), ep(2)
-    a.claim(3, 1)
+    a.claim(3, 1, 0.0, announce=False)
     for i in range(40):
         a.update_flow(3, b"k%d" % i, b"x" * 90, 0.0)
     a.flush(0.0)
@@ -147,7 +147,7 @@ def test_lost_datagram_nacked_and_retransmitted_byte_for_byte() -> None:
 
 def test_out_of_order_is_kept_and_applied_in_order() -> None:
     a, b = ep(1), ep(2)
-    a.claim(1, 1)
+    a.claim(1, 1, 0.0, announce=False)
     a.update_flow(1, b"k", b"v1", 0.0)
     a.flush(0.0)
     a.update_flow(1, b"k", b"v2", 0.001)
@@ -166,7 +166,7 @@ def test_gone_falls_back_to_resync_of_the_affected_buckets_only() -> None:
     params = ProtocolParams(buckets=8, history_datagrams=3)
     a, b = ep(1, params), ep(2, params)
     for bucket in range(8):
-        a.claim(bucket, 1)
+        a.claim(bucket, 1, 0.0, announce=False)
     for bucket in range(8):  # one populated bucket per datagram
         for i in range(12):
             a.update_flow(bucket, b"b%dk%d" % (bucket, i), b"r" * 100, 0.0)
@@ -189,7 +189,7 @@ def test_gone_falls_back_to_resync_of_the_affected_buckets_only() -> None:
 
 def test_tail_loss_high_water_mark_with_backoff() -> None:
     a, b = ep(1), ep(2)
-    a.claim(0, 1)
+    a.claim(0, 1, 0.0, announce=False)
     a.update_flow(0, b"k", b"v", 0.0)
     a.flush(0.0)
     a.datagrams_to_send()  # the last (and only) datagram is lost
@@ -213,11 +213,11 @@ def test_tail_loss_high_water_mark_with_backoff() -> None:
 
 def test_owner_epoch_rule_over_the_wire() -> None:
     old, new, c = ep(1), ep(2), ep(3)
-    old.claim(4, 1)
+    old.claim(4, 1, 0.0, announce=False)
     old.update_flow(4, b"k", b"old", 0.0)
     old.flush(0.0)
     late = old.datagrams_to_send()
-    new.claim(4, 2)
+    new.claim(4, 2, 0.0, announce=False)
     new.update_flow(4, b"k", b"new", 0.0)
     new.flush(0.0)
     for d in new.datagrams_to_send():
@@ -230,7 +230,7 @@ def test_owner_epoch_rule_over_the_wire() -> None:
 
 def test_new_incarnation_resyncs_and_drops_what_the_sender_no_longer_has() -> None:
     a, b = ep(1), ep(2)
-    a.claim(0, 1)
+    a.claim(0, 1, 0.0, announce=False)
     a.update_flow(0, b"gone-while-down", b"v", 0.0)
     a.update_flow(0, b"kept", b"v", 0.0)
     now = run([a, b], 0.5, 0.0)
@@ -238,7 +238,7 @@ def test_new_incarnation_resyncs_and_drops_what_the_sender_no_longer_has() -> No
     # Restart: the kernel still has "kept", "gone-while-down" expired meanwhile.
     store = BucketStore(8)
     a2 = ep(1, incarnation=2, now=now, store=store)
-    a2.claim(0, 1)
+    a2.claim(0, 1, now)
     store.put(FLOW, 0, 1, b"kept", b"v")
     a2.send_membership(1, b"hello", now)
     now = run([a2, b], now + 2.0, now)
@@ -256,7 +256,7 @@ def test_new_incarnation_resyncs_and_drops_what_the_sender_no_longer_has() -> No
 
 def test_silent_sender_is_reported_and_its_records_stay() -> None:
     a, b = ep(1), ep(2)
-    a.claim(0, 1)
+    a.claim(0, 1, 0.0, announce=False)
     a.update_flow(0, b"k", b"v", 0.0)
     now = run([a, b], 0.2, 0.0)
     now = run([b], now + P.silent_after + 0.5, now)  # a is gone
@@ -271,7 +271,7 @@ def test_silent_sender_is_reported_and_its_records_stay() -> None:
 
 def test_overheard_nack_suppresses_our_own() -> None:
     a, b, c = ep(1), ep(2), ep(3)
-    a.claim(0, 1)
+    a.claim(0, 1, 0.0, announce=False)
     for i in range(30):
         a.update_flow(0, b"k%d" % i, b"x" * 100, 0.0)
     a.flush(0.0)
@@ -297,7 +297,7 @@ def test_overheard_nack_suppresses_our_own() -> None:
 
 def test_sender_answers_a_seq_once_per_holdoff() -> None:
     a, b, c = ep(1), ep(2), ep(3)
-    a.claim(0, 1)
+    a.claim(0, 1, 0.0, announce=False)
     a.update_flow(0, b"k", b"v", 0.0)
     a.flush(0.0)
     a.datagrams_to_send()
@@ -320,7 +320,7 @@ def test_sender_answers_a_seq_once_per_holdoff() -> None:
 def test_digest_mismatch_repairs_only_that_bucket() -> None:
     a, b = ep(1), ep(2)
     for bucket in (0, 1):
-        a.claim(bucket, 1)
+        a.claim(bucket, 1, 0.0, announce=False)
         for i in range(5):
             a.update_flow(bucket, b"b%dk%d" % (bucket, i), b"v", 0.0)
     now = run([a, b], 0.5, 0.0)
@@ -337,7 +337,7 @@ def test_digest_mismatch_repairs_only_that_bucket() -> None:
 def test_reorder_buffer_is_bounded_and_overflow_refetched() -> None:
     params = ProtocolParams(buckets=8, reorder_datagrams=4)
     a, b = ep(1, params), ep(2, params)
-    a.claim(0, 1)
+    a.claim(0, 1, 0.0, announce=False)
     for i in range(10):
         a.update_flow(0, b"k%d" % i, b"v", 0.0)
         a.flush(0.0)
@@ -353,7 +353,7 @@ def test_reorder_buffer_is_bounded_and_overflow_refetched() -> None:
 def test_full_store_refuses_and_counts() -> None:
     a = ep(1)
     b = ep(2, store=BucketStore(8, max_entries=3))
-    a.claim(0, 1)
+    a.claim(0, 1, 0.0, announce=False)
     for i in range(5):
         a.update_flow(0, b"k%d" % i, b"v", 0.0)
     run([a, b], 0.5, 0.0)
@@ -363,7 +363,7 @@ def test_full_store_refuses_and_counts() -> None:
 
 def test_records_applied_events_carry_the_changes() -> None:
     a, b = ep(1), ep(2)
-    a.claim(0, 1)
+    a.claim(0, 1, 0.0, announce=False)
     a.update_flow(0, b"k", b"v", 0.0)
     a.delete_flow(0, b"k", 0.0)
     a.update_expectation(0, b"e", b"x", 0.0)
@@ -387,7 +387,7 @@ def test_local_misuse_is_a_local_error() -> None:
     a = ep(1)
     with pytest.raises(LocalProtocolError):
         a.update_flow(0, b"k", b"v", 0.0)  # not owned
-    a.claim(0, 1)
+    a.claim(0, 1, 0.0, announce=False)
     with pytest.raises(LocalProtocolError):
         a.update_flow(0, b"k", b"v" * 2000, 0.0)
     with pytest.raises(LocalProtocolError):

@@ -1,0 +1,82 @@
+"""Hypothesis stateful model: sends, deletes, losses, partitions, restarts and time steps in any
+order; once the network heals, every node holds every owner's latest state."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
+
+from lbsync.replication.params import ProtocolParams
+from lbsync.replication.sim import Simulation
+
+pytestmark = pytest.mark.sim
+
+P = ProtocolParams(buckets=6, history_datagrams=16, reorder_datagrams=8)
+NODES = (1, 2, 3)
+
+
+class ReplicationMachine(RuleBasedStateMachine):
+    """The model is the owners' stores; the invariant compares every replica to them."""
+
+    sim: Simulation
+
+    @initialize(seed=st.integers(0, 2**16))
+    def start(self, seed: int) -> None:
+        self.sim = Simulation(nodes=3, params=P, seed=seed, jitter=0.003)
+        for b in range(P.buckets):
+            self.sim.claim(NODES[b % 3], b, 1)
+        self.checks = 0
+
+    def _owner(self, bucket: int) -> int:
+        return self.sim.owners[bucket][0]
+
+    @rule(bucket=st.integers(0, P.buckets - 1), key=st.integers(0, 15),
+          size=st.integers(0, 200), burst=st.integers(1, 30))
+    def send(self, bucket: int, key: int, size: int, burst: int) -> None:
+        for i in range(burst):
+            self.sim.update(self._owner(bucket), bucket, b"k%d" % (key + i),
+                            bytes([i % 256]) * size)
+
+    @rule(bucket=st.integers(0, P.buckets - 1), key=st.integers(0, 45))
+    def delete(self, bucket: int, key: int) -> None:
+        self.sim.delete(self._owner(bucket), bucket, b"k%d" % key)
+
+    @rule(loss=st.sampled_from([0.0, 0.1, 0.3, 0.6]), dup=st.sampled_from([0.0, 0.1]))
+    def set_loss(self, loss: float, dup: float) -> None:
+        self.sim.loss = loss
+        self.sim.duplicate = dup
+
+    @rule(node=st.sampled_from(NODES))
+    def isolate(self, node: int) -> None:
+        self.sim.partition([node], [n for n in NODES if n != node])
+
+    @rule(node=st.sampled_from(NODES))
+    def restart(self, node: int) -> None:
+        self.sim.restart(node)
+
+    @rule(dt=st.sampled_from([0.001, 0.01, 0.05, 0.3, 1.5]))
+    def advance(self, dt: float) -> None:
+        self.sim.run_until(self.sim.now + dt)
+
+    @precondition(lambda self: self.sim.now > 0)
+    @rule()
+    def heal_and_check(self) -> None:
+        self._heal_and_check()
+
+    def _heal_and_check(self) -> None:
+        self.sim.heal()
+        self.sim.run_until(self.sim.now + 2 * P.idle_max + P.resync_timeout
+                           + self.sim.entries() / P.resync_rate)
+        assert self.sim.converged(), self.sim.divergence()
+        self.checks += 1
+
+    def teardown(self) -> None:
+        if hasattr(self, "sim"):
+            self._heal_and_check()
+
+
+ReplicationMachine.TestCase.settings = settings(
+    settings(), stateful_step_count=30, deadline=None)
+test_replication_state_machine = ReplicationMachine.TestCase
