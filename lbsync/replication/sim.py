@@ -409,8 +409,9 @@ def run_scenario(*, seed: int, params: ProtocolParams, nodes: int = 3, loss: flo
         seed=seed, converged=converged, heal_time=t_heal, deadline=deadline,
         converge_time=None if converge_at is None else converge_at - max(sim.last_change, 0),
         entries=entries, divergence=tuple(sim.divergence()), overhead=sim.books.repair_overhead(),
-        nack_mean=mean, nack_p99=p99, nack_max=mx, gaps=sim.books.gaps(), originals=sim.books.originals,
-        retransmissions=sim.books.retransmissions, nack_datagrams=sim.books.nack_datagrams)
+        nack_mean=mean, nack_p99=p99, nack_max=mx, gaps=sim.books.gaps(),
+        originals=sim.books.originals, retransmissions=sim.books.retransmissions,
+        nack_datagrams=sim.books.nack_datagrams)
 
 
 

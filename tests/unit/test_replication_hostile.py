@@ -189,4 +189,4 @@ def test_one_million_signed_mutations_of_the_golden_vectors() -> None:
             seq, ctl_seq = ctl_seq, ctl_seq + 1
         check_signed_mutation(ep, golden, body, seq)
     assert ep.statistics().rejected["malformed"] > 100_000
-    assert TYPE_CONTROL == GOLDEN_CONTROL[3]
+    assert GOLDEN_CONTROL[3] == TYPE_CONTROL
