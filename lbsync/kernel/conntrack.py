@@ -200,16 +200,25 @@ class ConntrackRequests:
                                                 mark_mask=mark_mask))
             self._n["dumps"] += 1
             out = Decoded([], [], [])
-            while True:
-                done = self._recv_dump(out)
-                if len(out.events) >= self._cfg.slice_entries or done:
-                    batch, out.events = out.events, []
-                    self._n["dumped_entries"] += len(batch)
-                    if batch:
-                        yield batch
-                    if done:
-                        return
-                    await asyncio.sleep(0)
+            done = False
+            try:
+                while True:
+                    done = self._recv_dump(out)
+                    if len(out.events) >= self._cfg.slice_entries or done:
+                        batch, out.events = out.events, []
+                        self._n["dumped_entries"] += len(batch)
+                        if batch:
+                            yield batch
+                        if done:
+                            return
+                        await asyncio.sleep(0)
+            except (GeneratorExit, asyncio.CancelledError):
+                # a consumer that stops early must not leave the rest of this dump queued for
+                # the next request to misread
+                while not done:
+                    out.events.clear()
+                    done = self._recv_dump(out)
+                raise
 
     def _recv_dump(self, out: Decoded) -> bool:
         n = self._sock.recv_into(self._buf)
