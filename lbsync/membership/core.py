@@ -55,7 +55,7 @@ import enum
 import math
 import random
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -149,6 +149,8 @@ class OwnershipReleased:
 
     buckets: tuple[int, ...]
     declared_by: int
+    incarnation: int = 0
+    """The incarnation this node continues as (persist it: a restart must go above it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,6 +343,7 @@ class Membership:
         rng: random.Random, now: float, incarnation: int, witness: int | None = None,
         role: Literal["node", "witness"] = "node", resume_owned: Iterable[int] = (),
         weight: int = 1, ready: bool = False,
+        new_incarnation: Callable[[int], int] | None = None,
     ) -> None:
         node_ids = tuple(sorted(set(nodes)))
         if not 1 <= node_id <= MAX_NODE_ID:
@@ -359,6 +362,9 @@ class Membership:
             raise MembershipError("buckets must be 1..4096")
         self.node_id = node_id
         self.incarnation = incarnation
+        # After a release: a fresh incarnation above the current one. The daemon passes its
+        # persisted counter so that a later restart never reuses the number.
+        self._new_incarnation = new_incarnation or (lambda cur: cur + 1)
         self.role = role
         self.nodes = node_ids
         self.witness = witness
@@ -814,10 +820,13 @@ class Membership:
                 # A release starts a new life: peers see a new incarnation owning nothing,
                 # which voids the declared one at once (its buckets go to successors) and
                 # readmits us as a rejoining member.
-                self.incarnation += 1
+                fresh = self._new_incarnation(self.incarnation)
+                if fresh <= self.incarnation:
+                    raise MembershipError("new_incarnation must return a higher incarnation")
+                self.incarnation = fresh
                 self._c["releases"] += 1
                 self._send_now = True
-                self._events_put(OwnershipReleased(gone, v))
+                self._events_put(OwnershipReleased(gone, v, fresh))
                 return
 
     def _count_lost_reports(self) -> None:

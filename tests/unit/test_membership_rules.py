@@ -372,7 +372,7 @@ def test_fenced_node_declared_lost_releases_and_starts_a_new_incarnation() -> No
         p.step()
     assert drain(c) == [FenceRequired("no_majority")]
     p.beat(2, owned=(1, 4), lost_me=1)
-    assert drain(c) == [OwnershipReleased((0, 3), 2)]
+    assert drain(c) == [OwnershipReleased((0, 3), 2, 2)]
     assert c.owned == frozenset() and c.incarnation == 2
     (_, mine), = [x for x in sent(c) if isinstance(x[1], Heartbeat)][-1:]
     assert isinstance(mine, Heartbeat) and mine.incarnation == 2 and mine.owned == bytes(1)
@@ -501,3 +501,14 @@ def test_claim_done_for_an_undecided_bucket_is_refused() -> None:
     c = forwarding_node()
     assert c.claim_done((1, 2), 0.001) == frozenset()
     assert c.owned == {0, 3} and c.statistics().claims_refused == 2
+
+
+def test_release_takes_its_new_incarnation_from_the_daemon() -> None:
+    c = Membership(node_id=1, nodes=(1, 2, 3), buckets=B, timing=T, rng=random.Random(1),
+                   now=0.0, incarnation=5, ready=True, new_incarnation=lambda cur: cur + 100)
+    c.handle_timer(0.0)
+    c._owned = {0}
+    p = Peers(c)
+    p.beat(2, owned=(1, 4), lost_me=5)
+    assert drain(c)[-1] == OwnershipReleased((0,), 2, 105)
+    assert c.incarnation == 105
