@@ -1,0 +1,246 @@
+"""Operating a live farm (issue 8) against real daemons: one 3-node lab (64 buckets) with the
+metrics exporter on, long-lived TCP and UDP traffic, and the operator commands run as an
+operator would (``python -m lbsync ...`` with the lab's cluster file):
+
+- ``lbsync map``: every bucket has one actual owner, its target one; counts add up; a bad
+  bucket is one clear line and exit 2;
+- the metrics endpoint serves every documented series (scraped inside a node's namespace,
+  parsed with prometheus_client's text parser);
+- ``lbsync resync``: a store damaged behind the daemon's back (``store-corrupt``) is refilled,
+  per bucket and in full, with exactly the owners' keys;
+- ``lbsync drill fail 2`` under traffic: the report's buckets moved are node 2's buckets, each
+  claimed once by a survivor; the resets it counted (nft ``tcp flags rst`` counters) are what
+  the traffic tool saw (none) and no flow was lost; node 2 is restored (rejoined, fenced no
+  more);
+- readiness gate: a node killed and restarted empty owns nothing (status and kernel ``@owned``
+  sampled) until it is ready, and when it first reports ready its store already holds every
+  standby entry of the farm (its resyncs completed).
+
+Outcomes only, generous deadlines; no timing is asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from lbsync.lab import daemons
+from lbsync.lab.farm import Lab
+from lbsync.lab.traffic import TrafficRun
+from lbsync.metrics import SERIES
+
+pytestmark = pytest.mark.kernel
+
+BUCKETS = 64
+DEADLINE = 20.0
+METRICS_PORT = 9464
+
+
+@pytest.fixture(scope="module")
+def farm(lab_factory: Callable[..., Lab]) -> Iterator[tuple[Lab, TrafficRun]]:
+    lab = lab_factory(3, buckets=BUCKETS)
+    traffic: TrafficRun | None = None
+    try:
+        with open(lab.config_path, "a") as f:
+            f.write(f'\n[metrics]\nlisten = "127.0.0.1:{METRICS_PORT}"\n')
+        for i in lab.node_ids:  # the exporter listens on each node's loopback
+            lab.exec(lab.node_ns(i), ["ip", "link", "set", "lo", "up"], check=True)
+        daemons.start_daemons(lab)
+        daemons.wait_ready(lab, timeout=DEADLINE)
+        traffic = TrafficRun.start(lab, tcp=120, udp=60, rate=2.0, mode="mixed", lookup=False)
+        traffic.wait_ready(timeout=60)
+        daemons.wait_for(lambda: all(daemons.status(lab, i)["store_entries"] >= 180
+                                     for i in lab.node_ids), DEADLINE, what="replication")
+        yield lab, traffic
+    finally:
+        if traffic is not None:
+            traffic.kill()
+        lab.destroy()
+        daemons.remove_runtime_files(lab.prefix)
+
+
+def cli(lab: Lab, *argv: str, node: int = 1) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "lbsync", *argv, "--config",
+                           str(lab.config_path), "--node-id", str(node)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def cli_json(lab: Lab, *argv: str, node: int = 1) -> Any:
+    cp = cli(lab, *argv, "--json", node=node)
+    assert cp.returncode == 0, cp.stderr
+    return json.loads(cp.stdout)
+
+
+def store_keys(lab: Lab, node: int, bucket: int) -> set[str]:
+    res = daemons.request(lab, node, "store", {"buckets": [bucket]})
+    return set(res.get(str(bucket), []))
+
+
+def owner_of(lab: Lab, bucket: int) -> int:
+    return next(i for i in lab.node_ids if bucket in daemons.status(lab, i)["forwarding"])
+
+
+# ------------------------------------------------------------------------------ map, metrics
+
+
+def test_map_shows_one_owner_per_bucket(farm: tuple[Lab, TrafficRun]) -> None:
+    lab, _ = farm
+    m = cli_json(lab, "map")
+    assert m["map_epoch"] >= 1 and len(m["rows"]) == BUCKETS
+    for row in m["rows"]:
+        assert row["actual"] == [row["target"]], row
+        assert row["chain"][0] == row["target"]
+    assert sum(c["actual"] for c in m["counts"].values()) == BUCKETS
+    assert m["misplaced"] == m["unowned"] == m["multiple"] == 0
+    forwarding = {i: set(daemons.status(lab, i)["forwarding"]) for i in lab.node_ids}
+    for row in m["rows"]:
+        assert row["bucket"] in forwarding[row["target"]]
+    ex = cli_json(lab, "map", "--explain", "7")
+    assert ex["bucket"] == 7 and ex["why"]
+    text = cli(lab, "map")
+    assert text.returncode == 0 and "misplaced 0" in text.stdout
+
+
+def test_map_bad_bucket_is_one_line_exit_2(farm: tuple[Lab, TrafficRun]) -> None:
+    lab, _ = farm
+    cp = cli(lab, "map", "--explain", str(BUCKETS))
+    assert cp.returncode == 2
+    assert len(cp.stderr.strip().splitlines()) == 1 and "out of range" in cp.stderr
+    cp = cli(lab, "resync", "--bucket", "-3")
+    assert cp.returncode == 2 and len(cp.stderr.strip().splitlines()) == 1
+
+
+def scrape(lab: Lab, node: int) -> str:
+    code = ("import urllib.request as u;import sys;sys.stdout.write(u.urlopen("
+            f"'http://127.0.0.1:{METRICS_PORT}/metrics', timeout=10).read().decode())")
+    cp = lab.exec(lab.node_ns(node), [sys.executable, "-c", code], check=True)
+    return cp.stdout
+
+
+def test_metrics_endpoint_serves_documented_series(farm: tuple[Lab, TrafficRun]) -> None:
+    lab, _ = farm
+    families = {f.name: f for f in text_string_to_metric_families(scrape(lab, 1))}
+    # the parser names counters without their _total suffix
+    names = {n.removesuffix("_total") for n in SERIES}
+    assert names <= set(families), sorted(names - set(families))
+    owners = {s.labels["bucket"]: s.labels["node"]
+              for s in families["lbsync_bucket_owner"].samples}
+    assert len(owners) == BUCKETS
+    st = daemons.status(lab, 1)
+    assert families["lbsync_owned_buckets"].samples[0].value == len(st["owned"])
+    assert families["lbsync_ready"].samples[0].value == 1
+    entries = sum(s.value for s in families["lbsync_bucket_store_entries"].samples)
+    assert entries > 0
+    hist = families["lbsync_takeover_claim_seconds"]
+    assert hist.type == "histogram"
+
+
+# ------------------------------------------------------------------------------ resync
+
+
+def test_resync_refills_a_corrupted_store(farm: tuple[Lab, TrafficRun]) -> None:
+    lab, _ = farm
+    mine = set(daemons.status(lab, 1)["forwarding"])
+    victims = [b for b in range(BUCKETS) if b not in mine
+               and store_keys(lab, owner_of(lab, b), b)][:3]
+    assert victims, "no foreign bucket with entries"
+    b = victims[0]
+    want = store_keys(lab, owner_of(lab, b), b)
+    daemons.request(lab, 1, "store-corrupt", {"bucket": b})
+    assert not store_keys(lab, 1, b)
+    res = cli_json(lab, "resync", "--bucket", str(b))
+    assert res["pending"] == 0 and res["resyncs_completed"] >= 1
+    assert store_keys(lab, 1, b) == store_keys(lab, owner_of(lab, b), b) == want
+    # full resync: several buckets damaged at once
+    before = {v: store_keys(lab, owner_of(lab, v), v) for v in victims}
+    for v in victims:
+        daemons.request(lab, 1, "store-corrupt", {"bucket": v})
+    res = cli_json(lab, "resync")
+    assert res["pending"] == 0 and len(res["asked"]) == 2
+    for v in victims:
+        assert store_keys(lab, 1, v) == before[v]
+
+
+# ------------------------------------------------------------------------------ drill
+
+
+def test_drill_fail_matches_the_traffic(farm: tuple[Lab, TrafficRun]) -> None:
+    lab, traffic = farm
+    before = traffic.snapshot()
+    victim_buckets = sorted(daemons.status(lab, 2)["forwarding"])
+    cp = subprocess.run([sys.executable, "-m", "lbsync", "drill", "fail", "2", "--duration",
+                         "2", "--json", "--config", str(lab.config_path)],
+                        capture_output=True, text=True, timeout=120)
+    assert cp.returncode == 0, cp.stderr
+    report = json.loads(cp.stdout)
+    assert "claimed" in cp.stderr  # progress was shown while it ran
+    time.sleep(2.0)  # TCP retransmissions of the victim's flows land on the new owners
+    after = traffic.snapshot()
+    assert report["victim_buckets"] == victim_buckets
+    assert report["buckets_moved"] == len(victim_buckets)
+    claimed = [b for v in report["survivors"].values() for b in v["buckets"]]
+    assert sorted(claimed) == victim_buckets  # each claimed once
+    assert sum(report["claimed_by"].values()) == len(victim_buckets)
+    assert not set(victim_buckets) & set(daemons.status(lab, 2)["forwarding"])
+    # resets counted on the nodes = resets the clients saw (none), nothing lost
+    assert report["resets"] == after["resets"] - before["resets"] == 0
+    assert after["alive"] == after["flows"]
+    assert after["errors"] == 0 and after["nat_peer_changes"] == 0
+    assert report["restored"] and report["victim_after"]["forwarding"] == 0
+    for key in ("detection_ms", "commit_ms", "claim_ms", "outage_ms"):
+        assert report[key] is not None
+    owners: dict[int, int] = {}
+    for i in lab.node_ids:
+        for b in daemons.status(lab, i)["forwarding"]:
+            assert b not in owners
+            owners[b] = i
+    assert sorted(owners) == list(range(BUCKETS))
+
+
+# ------------------------------------------------------------------------------ readiness
+
+
+def test_restarted_empty_node_owns_nothing_before_resync(farm: tuple[Lab, TrafficRun]
+                                                         ) -> None:
+    lab, _ = farm
+    victim = 3
+    daemons.kill_daemon(lab, victim)
+    daemons.wait_for(lambda: sorted(b for i in (1, 2) for b in daemons.status(lab, i)[
+        "forwarding"]) == list(range(BUCKETS)), DEADLINE, what="survivors own everything")
+    daemons.start_daemon(lab, victim)
+    samples = 0
+    first_ready: dict[str, Any] | None = None
+    deadline = time.monotonic() + DEADLINE
+    while time.monotonic() < deadline:
+        try:
+            st = daemons.status(lab, victim, timeout=2.0)
+        except Exception:  # not answering yet
+            time.sleep(0.02)
+            continue
+        kernel = lab.owned(victim)
+        samples += 1
+        if st["ready"]:
+            first_ready = st
+            break
+        assert st["owned"] == [] and st["forwarding"] == [] and not kernel, st
+        time.sleep(0.02)
+    assert first_ready is not None and samples >= 1
+    assert first_ready["owned"] == []
+    # ready means the standby state is complete: the resyncs it asked for are answered and
+    # every bucket's entries (long-lived flows: the set does not change) are in its store
+    rcv = first_ready["replication"]["receiver"]
+    assert rcv["resync_requests"] >= 1 and rcv["resyncs_completed"] >= 1
+    total = 0
+    for b in range(BUCKETS):
+        want = store_keys(lab, owner_of(lab, b), b)
+        assert store_keys(lab, victim, b) == want, b
+        total += len(want)
+    assert first_ready["store_entries"] == total
+    assert daemons.status(lab, victim)["owned"] == []  # no handback without handoff
