@@ -216,8 +216,10 @@ class ConntrackRequests:
                 # a consumer that stops early must not leave the rest of this dump queued for
                 # the next request to misread
                 while not done:
-                    out.events.clear()
                     done = self._recv_dump(out)
+                    if len(out.events) >= self._cfg.slice_entries:
+                        out.events.clear()
+                        await asyncio.sleep(0)
                 raise
 
     def _recv_dump(self, out: Decoded) -> bool:

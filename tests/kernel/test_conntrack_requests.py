@@ -41,6 +41,7 @@ def test_bulk_work_yields_and_errors_are_matched(netns: NetnsSet) -> None:
         with entered(ns):
             req = ConntrackRequests(config=KernelConfig(batch_entries=256, slice_entries=1024))
         stop = asyncio.Event()
+        t_start = time.monotonic()
         hb = asyncio.create_task(heartbeat(stop))
         try:
             res = await req.inject(records)
@@ -61,10 +62,12 @@ def test_bulk_work_yields_and_errors_are_matched(netns: NetnsSet) -> None:
         finally:
             stop.set()
             await hb
+        total = time.monotonic() - t_start
         # heartbeats kept flowing during 30k creates and two dumps, in slices of 1024 entries
         # (the heartbeat runs every other slice; without slicing it would run about once per
-        # call, 3 times). Wall-clock bounds stay loose: CI shares 2 cores with other work.
-        assert len(gaps) >= 12 and max(gaps) < 0.5, (len(gaps), max(gaps))
+        # call, and the longest gap would be the whole inject, about a third of the total).
+        # Bounds relative to the total: CI shares its 2 cores with other work.
+        assert len(gaps) >= 12 and max(gaps) < total / 6, (len(gaps), max(gaps), total)
 
         # errors of a batch are reported against the entries that caused them
         mixed = [records[0], records[1], b"\x93\x01\x02\x03", records[2]]
