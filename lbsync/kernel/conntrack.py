@@ -27,6 +27,7 @@ import asyncio
 import errno
 import logging
 import socket
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Container, Sequence
 from dataclasses import dataclass, field
@@ -69,6 +70,7 @@ SO_SNDBUFFORCE = 32
 DEFAULT_GROUPS = (NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_UPDATE, NFNLGRP_CONNTRACK_DESTROY)
 EXPECT_GROUPS = (NFNLGRP_CONNTRACK_EXP_NEW, NFNLGRP_CONNTRACK_EXP_DESTROY)
 RECV_SIZE = 1 << 17
+NLM_F_DUMP_INTR = 0x10
 DRAIN_CAP = 1 << 16
 
 
@@ -230,7 +232,9 @@ class ConntrackRequests:
         except CodecError:
             self._n["decode_errors"] += 1
             log.warning("ctnetlink.dump_decode_error bytes=%d", len(data))
-        if data[6] & 0x10 if len(data) > 6 else False:  # NLM_F_DUMP_INTR on the first message
+        # NLM_F_DUMP_INTR: the table changed while this chunk was being built (counted only:
+        # events arriving meanwhile carry the changes)
+        if len(data) >= 8 and int.from_bytes(data[6:8], sys.byteorder) & NLM_F_DUMP_INTR:
             self._n["dump_interrupted"] += 1
         for ack in out.acks:
             if ack.error:
