@@ -31,6 +31,7 @@ import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Container, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 from lbsync.config import KernelConfig
 from lbsync.kernel import bpf
@@ -149,11 +150,35 @@ class WriteResult:
         return dict(Counter(errno.errorcode.get(e, str(e)) for _, e in self.failed))
 
 
+class KernelTable(Protocol):
+    """What the daemon needs from a kernel's conntrack table; :class:`ConntrackRequests`
+    implements it, tests and simulations may pass a fake."""
+
+    def dump(self, *, family: int = 0, mark: int | None = None,
+             mark_mask: int = 0xFFFFFFFF) -> AsyncIterator[list[CtEvent]]: ...
+
+    async def dump_all(self, *, family: int = 0, mark: int | None = None,
+                       mark_mask: int = 0xFFFFFFFF) -> list[CtEvent]: ...
+
+    async def inject(self, records: Sequence[bytes], *,
+                     default_timeout: int = 120) -> WriteResult: ...
+
+    async def delete(self, keys: Sequence[bytes]) -> WriteResult: ...
+
+    async def update(self, keys: Sequence[bytes], *, timeout: int | None = None,
+                     mark: int | None = None, tcp_state: int | None = None) -> WriteResult: ...
+
+    async def create_expectations(self, exps: Sequence[ExpectRecord]) -> WriteResult: ...
+
+    def statistics(self) -> RequestStatistics: ...
+
+
 # -- request socket ----------------------------------------------------------------------------
 
 
 class ConntrackRequests:
-    """The request socket: dumps and batched creates/updates/deletes, in slices."""
+    """The request socket: dumps and batched creates/updates/deletes, in slices
+    (a :class:`KernelTable`)."""
 
     def __init__(self, *, config: KernelConfig | None = None, rcvbuf: int = 8 << 20) -> None:
         self._cfg = config or KernelConfig()
@@ -506,7 +531,7 @@ class Conntrack:
                  accept: Callable[[CtEvent], bool] | None = None,
                  suppress_echoes: bool = True, max_held: int = 1 << 20) -> None:
         self._cfg = config or KernelConfig()
-        self.requests = ConntrackRequests(config=self._cfg)
+        self.requests: ConntrackRequests = ConntrackRequests(config=self._cfg)
         pid = self.requests.portid
         self._user_on_events = on_events
         self._on_resync = on_resync
@@ -612,3 +637,7 @@ class Conntrack:
                 return
         finally:
             self._task = None
+
+
+if TYPE_CHECKING:  # mypy proves the request socket satisfies the protocol the daemon uses
+    _table: KernelTable = ConntrackRequests()
