@@ -87,6 +87,11 @@ STATE_DIR = Path("/var/lib/lbsync")
 MEMBERSHIP_SUBKIND = 1
 OWNED_SET = "owned"
 DIGEST_INTERVAL = 1.0
+# Owners compare their buckets' store with a kernel dump this often: a DESTROY can be silent
+# (an owned entry whose last packet met `ct event set 0` while its bucket's lease had lapsed
+# has no event mask left), and a store entry outliving its kernel entry would be resurrected
+# by a takeover and agree in every digest forever.
+SWEEP_INTERVAL = 5.0
 LEAVE_GRACE = 10.0
 STARTUP_SETTLE = 1.0
 # A non-TCP standby copy waits for the owner's record to show a reply (IPS_SEEN_REPLY) or,
@@ -255,6 +260,7 @@ class Node:
         self._membership_changed()
         self._spawn(self._kernel_writer(), "kernel-writer")
         self._schedule_digests()
+        self._schedule_sweep()
         self.metrics: Any = None
         if self.cfg.metrics.listen:  # prometheus_client is imported only when enabled
             from lbsync.metrics import start_for_node
@@ -603,6 +609,44 @@ class Node:
         self._membership_changed()
 
     # ------------------------------------------------------------------ digests
+
+    def _schedule_sweep(self) -> None:
+        def fire() -> None:
+            if not self.stopping:
+                self._spawn(self._sweep(), "sweep")
+
+        self.loop.call_later(SWEEP_INTERVAL, fire)
+
+    async def _sweep(self) -> None:
+        """Delete (and replicate the deletes of) owned store entries the kernel no longer
+        holds. Entries whose record changed during the dump are left alone (an event
+        touched them), and an interrupted dump proves nothing."""
+        try:
+            if not self.owned or self.kernel.resyncing:
+                return
+            before = {b: dict(self.store.flows(b)) for b in self.owned}
+            interrupted = self.kernel.requests.statistics().dump_interrupted
+            table = await self.kernel.requests.dump_all()
+            if self.kernel.requests.statistics().dump_interrupted != interrupted:
+                return
+            present = {ev.key for ev in table}
+            now = self.loop.time()
+            n = 0
+            for b, flows in before.items():
+                if b not in self.owned:
+                    continue
+                for key, rec in flows.items():
+                    if key not in present and self.store.get(FLOW, b, key) is rec:
+                        self.ep.delete_flow(b, key, now)
+                        self.in_kernel[b].discard(key)
+                        n += 1
+            if n:
+                self.c["sweep_deleted"] += n
+                log.info("node.sweep deleted=%d", n)
+                if self.transport is not None:
+                    self.transport.pump()
+        finally:
+            self._schedule_sweep()
 
     def _schedule_digests(self) -> None:
         def fire() -> None:
