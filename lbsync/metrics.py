@@ -59,17 +59,20 @@ SERIES: dict[str, str] = {
                                    "not yet delivered here",
     "lbsync_replication_open_gaps": "gauge{peer}: gaps open in a peer's stream",
     "lbsync_replication_pending_resyncs": "gauge: resync requests not yet answered",
-    "lbsync_replication_records_sent_total": "counter",
-    "lbsync_replication_datagrams_sent_total": "counter",
-    "lbsync_replication_bytes_sent_total": "counter",
-    "lbsync_replication_retransmitted_total": "counter",
+    "lbsync_replication_records_sent_total": "counter: records this node replicated",
+    "lbsync_replication_datagrams_sent_total": "counter: replication datagrams sent",
+    "lbsync_replication_bytes_sent_total": "counter: replication bytes sent",
+    "lbsync_replication_retransmitted_total": "counter: datagrams sent again after NACKs",
     "lbsync_replication_nacks_received_total": "counter: NACKs from peers",
     "lbsync_replication_nacks_sent_total": "counter: NACK messages this node sent",
-    "lbsync_replication_nacked_seqs_total": "counter",
-    "lbsync_replication_nacks_suppressed_total": "counter",
-    "lbsync_replication_records_applied_total": "counter",
+    "lbsync_replication_nacked_seqs_total": "counter: sequence numbers this node NACKed",
+    "lbsync_replication_nacks_suppressed_total": "counter: NACKs not sent (another "
+                                                 "receiver asked first)",
+    "lbsync_replication_records_applied_total": "counter: peers' records applied to the "
+                                                "store",
     "lbsync_replication_gone_seqs_total": "counter: sequence numbers the sender no longer had",
-    "lbsync_replication_resyncs_completed_total": "counter",
+    "lbsync_replication_resyncs_completed_total": "counter: bucket resyncs received "
+                                                  "completely",
     "lbsync_replication_digests_total": "counter{result}: agreed / disagreed",
     "lbsync_replication_rejected_total": "counter{reason}: datagrams dropped before parsing",
     "lbsync_drops_total": "counter{reason}: records or datagrams dropped (reorder overflow, "

@@ -129,3 +129,11 @@ def test_server_answers_metrics_and_404() -> None:
     assert head.startswith(b"HTTP/1.0 200")
     assert "lbsync_up" in families(body.decode())
     assert missing.startswith(b"HTTP/1.0 404")
+
+
+def test_docs_list_every_series() -> None:
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[2] / "docs" / "operations.md").read_text()
+    missing = [n for n in SERIES if f"`{n}`" not in doc]
+    assert not missing, missing
