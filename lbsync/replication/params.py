@@ -31,10 +31,10 @@ class ProtocolParams:
     # gaps (repair overhead), at the price of up to this much repair latency.
     nack_interval: float = 0.040
     nack_retry: float = 0.030
-    nack_retry_max: float = 0.250
+    nack_retry_max: float = 0.120
     # The sender answers a given sequence number at most once per hold-off: the duplicate NACKs
     # of receivers that did not hear each other cost no extra retransmission.
-    retransmit_holdoff: float = 0.010
+    retransmit_holdoff: float = 0.020
     resync_rate: float = 200_000.0  # records per second, at most, in resync answers
     resync_burst: int = 512
     resync_timeout: float = 1.0

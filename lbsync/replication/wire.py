@@ -68,6 +68,7 @@ K_MEMBERSHIP = 32
 
 DATA_KINDS = frozenset(range(1, 16))
 CONTROL_KINDS = frozenset((*range(16, 32), K_MEMBERSHIP))
+ALL_KINDS = DATA_KINDS | CONTROL_KINDS
 
 
 def unwrap(wire: int, near: int) -> int:
@@ -398,7 +399,7 @@ def _decode_one(m: object, dtype: int, lim: Limits) -> Message:
     n = len(m)
     if type(kind) is not int:
         raise RemoteProtocolError("malformed", "kind")
-    if (kind in DATA_KINDS) != (dtype == TYPE_DATA) or kind not in DATA_KINDS | CONTROL_KINDS:
+    if (kind in DATA_KINDS) != (dtype == TYPE_DATA) or kind not in ALL_KINDS:
         raise RemoteProtocolError("malformed", f"kind {kind} in datagram type {dtype}")
     if kind == K_FLOW_UPDATE and n == 5:
         return FlowUpdate(_bucket(m[1], lim), _u32(m[2]), _key(m[3], lim), _bin(m[4], lim))
@@ -447,4 +448,19 @@ def decode_body(body: bytes, dtype: int, lim: Limits) -> list[Message]:
         raise RemoteProtocolError("malformed", f"msgpack: {type(exc).__name__}") from None
     if type(obj) is not list or not obj:
         raise RemoteProtocolError("malformed", "body is not a non-empty array")
-    return [_decode_one(m, dtype, lim) for m in obj]
+    out: list[Message] = []
+    append = out.append
+    buckets, max_key = lim.buckets, lim.max_key
+    is_data = dtype == TYPE_DATA
+    for m in obj:
+        # Fast path for the hot message (a flow update in a DATA datagram), same checks as
+        # _decode_one; anything unusual takes the general path.
+        if is_data and type(m) is list and len(m) == 5 and m[0] == K_FLOW_UPDATE:
+            _k, b, e, key, rec = m
+            if (type(b) is int and 0 <= b < buckets and type(e) is int and 0 <= e <= U32
+                    and type(key) is bytes and 0 < len(key) <= max_key and type(rec) is bytes
+                    and type(_k) is int):
+                append(FlowUpdate(b, e, key, rec))
+                continue
+        append(_decode_one(m, dtype, lim))
+    return out
