@@ -2,7 +2,8 @@
 
     python -m tests.benchmarks.protocol [--quick]
 
-Times are CPU time of this process (the CI machine is shared). Figures, each with its ratio against a baseline measured in the same run:
+Times are CPU time of this process (the CI machine is shared). Figures, each with its ratio
+against a baseline measured in the same run:
 - records/s through the sender (update_flow -> signed datagrams) vs plain msgpack packing of
   the same records;
 - records/s through the receiver (authenticate, decode, apply to the store, events) vs plain
