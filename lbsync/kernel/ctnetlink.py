@@ -476,6 +476,14 @@ def _cstr(buf: bytes, start: int, end: int) -> str:
 _packb = msgpack.Packer(use_bin_type=True).pack
 
 
+_IGNORED = frozenset({CTA_COUNTERS_ORIG, CTA_COUNTERS_REPLY, CTA_USE, CTA_ID, CTA_SECMARK,
+                      CTA_SECCTX, CTA_TIMESTAMP, CTA_SYNPROXY, CTA_TIMESTAMP_EVENT,
+                      CTA_NAT_SRC, CTA_NAT_DST, CTA_MARK_MASK, CTA_LABELS_MASK, CTA_FILTER,
+                      CTA_STATUS_MASK})
+# The kernel's TCP protoinfo (non-DESTROY): state, both window scales, both flag pairs.
+_TCPINFO_IN = struct.Struct(">B3x4sB3x4sB3x4sB3x4sB3x").unpack_from
+
+
 def _decode_ct(buf: bytes, pos: int, end: int, family: int, kind: int, portid: int) -> CtEvent:
     """Decode the attributes of one conntrack message (after the nfgenmsg header)."""
     orig: tuple[int, bytes, bytes, int, int] | None = None
@@ -490,42 +498,51 @@ def _decode_ct(buf: bytes, pos: int, end: int, family: int, kind: int, portid: i
     sa_r: list[int] | None = None
     nla = _NLA.unpack_from
     u32 = _U32BE.unpack_from
+    ignored = _IGNORED
+    # Literal attribute numbers below (see the CTA_* names in the comments): this loop runs
+    # ~8 times per event, and constants beat global lookups.
     while pos < end:
         alen, atype = nla(buf, pos)
         if alen < 4 or pos + alen > end:
             raise CodecError("attribute length out of bounds")
-        atype &= NLA_TYPE_MASK
-        if atype == CTA_TUPLE_ORIG:
+        atype &= 0x3FFF
+        if atype == 1:  # CTA_TUPLE_ORIG
             orig = _tuple(buf, pos + 4, pos + alen)
-        elif atype == CTA_TUPLE_REPLY:
+        elif atype == 2:  # CTA_TUPLE_REPLY
             reply = _tuple(buf, pos + 4, pos + alen)
-        elif atype == CTA_STATUS:
+        elif atype in ignored:  # id, use, counters, timestamps, synproxy, secctx, ...
+            pass
+        elif atype == 3 or atype == 7 or atype == 8:  # CTA_STATUS, CTA_TIMEOUT, CTA_MARK
             if alen != 8:
-                raise CodecError("bad CTA_STATUS")
-            status = u32(buf, pos + 4)[0]
-        elif atype == CTA_TIMEOUT:
-            if alen != 8:
-                raise CodecError("bad CTA_TIMEOUT")
-            timeout = u32(buf, pos + 4)[0]
-        elif atype == CTA_MARK:
-            if alen != 8:
-                raise CodecError("bad CTA_MARK")
-            mark = u32(buf, pos + 4)[0]
-        elif atype == CTA_PROTOINFO:
-            proto = _protoinfo(buf, pos + 4, pos + alen)
-        elif atype == CTA_ZONE:
+                raise CodecError("bad u32 attribute")
+            v = u32(buf, pos + 4)[0]
+            if atype == 3:
+                status = v
+            elif atype == 7:
+                timeout = v
+            else:
+                mark = v
+        elif atype == 4:  # CTA_PROTOINFO
+            if alen == 48 and buf[pos:pos + 12] == _H_TCPINFO:
+                st, h1, ws_o, h2, ws_r, h3, fl_o, h4, fl_r = _TCPINFO_IN(buf, pos + 12)
+                if (h1, h2, h3, h4) != _H_TCPINFO_REST:
+                    raise CodecError("unexpected TCP protoinfo layout")
+                proto = [st, ws_o, ws_r, fl_o, fl_r]
+            else:
+                proto = _protoinfo(buf, pos + 4, pos + alen)
+        elif atype == 18:  # CTA_ZONE
             if alen != 6:
                 raise CodecError("bad CTA_ZONE")
             zone = _U16BE.unpack_from(buf, pos + 4)[0]
-        elif atype == CTA_HELP:
+        elif atype == 5:  # CTA_HELP
             helper = _helper_name(buf, pos + 4, pos + alen)
-        elif atype == CTA_LABELS:
+        elif atype == 22:  # CTA_LABELS
             labels = buf[pos + 4:pos + alen]
-        elif atype == CTA_TUPLE_MASTER:
+        elif atype == 14:  # CTA_TUPLE_MASTER
             master = _tuple(buf, pos + 4, pos + alen)
-        elif atype == CTA_SEQ_ADJ_ORIG:
+        elif atype == 15:  # CTA_SEQ_ADJ_ORIG
             sa_o = _seqadj(buf, pos + 4, pos + alen)
-        elif atype == CTA_SEQ_ADJ_REPLY:
+        elif atype == 16:  # CTA_SEQ_ADJ_REPLY
             sa_r = _seqadj(buf, pos + 4, pos + alen)
         pos += (alen + 3) & ~3
     if orig is None or reply is None:
@@ -744,6 +761,7 @@ _H_WS_O = _NLA.pack(5, CTA_PROTOINFO_TCP_WSCALE_ORIGINAL)
 _H_WS_R = _NLA.pack(5, CTA_PROTOINFO_TCP_WSCALE_REPLY)
 _H_FL_O = _NLA.pack(6, CTA_PROTOINFO_TCP_FLAGS_ORIGINAL)
 _H_FL_R = _NLA.pack(6, CTA_PROTOINFO_TCP_FLAGS_REPLY)
+_H_TCPINFO_REST = (_H_WS_O, _H_WS_R, _H_FL_O, _H_FL_R)
 _NAT_V4_PORT = struct.Struct(">4s4s4s4s4s4s4s2s2x4s2s2x").pack
 _H_NAT_MIN4 = _NLA.pack(8, CTA_NAT_V4_MINIP)
 _H_NAT_MAX4 = _NLA.pack(8, CTA_NAT_V4_MAXIP)
