@@ -8,11 +8,12 @@
 - **Echo suppression in the kernel**: a BPF filter on the event socket drops every message
   whose netlink port id is the request socket's, i.e. the events of our own creates, updates and
   deletes (see :mod:`lbsync.kernel.bpf`).
-- **ENOBUFS** on the event socket means events were lost. It is counted and triggers a re-dump:
-  while it runs, new events are held (bounded); then ``on_resync`` receives the complete table
-  (kernel-filtered by mark when configured) and the held events are delivered after it, so the
-  consumer ends with exactly the kernel's table. A further ENOBUFS during the re-dump (or held
-  events past the bound) schedules another re-dump.
+- **ENOBUFS** on the event socket means events were lost. It is counted; once the queue has
+  been read empty (events queued before that point are delivered at once), a re-dump starts and
+  events read meanwhile are held (bounded); then ``on_resync`` receives the complete table
+  (kernel-filtered by mark when configured) and the held events follow it, so the consumer ends
+  with exactly the kernel's table. A further ENOBUFS during the re-dump (or held events past the
+  bound) voids it and starts over (see :class:`Conntrack`).
 - **Requests**: dumps and batched writes on a separate socket. The kernel processes a write in
   the ``sendmsg`` call; failures come back as ``NLMSG_ERROR`` with the failing seq, which is
   mapped back to the entry's index. Bulk work runs in slices of ``slice_entries`` that yield to
@@ -529,7 +530,8 @@ class Conntrack:
                  mark: int | None = None, mark_mask: int = 0xFFFFFFFF,
                  marks: Container[int] | None = None,
                  accept: Callable[[CtEvent], bool] | None = None,
-                 suppress_echoes: bool = True, max_held: int = 1 << 20) -> None:
+                 suppress_echoes: bool = True, max_held: int = 1 << 20,
+                 read_budget: int = 4096) -> None:
         self._cfg = config or KernelConfig()
         self.requests: ConntrackRequests = ConntrackRequests(config=self._cfg)
         pid = self.requests.portid
@@ -549,7 +551,8 @@ class Conntrack:
             on_events=self._deliver, on_overrun=self._overrun, on_drained=self._drained,
             on_expectations=on_expectations,
             config=self._cfg, groups=groups, marks=marks, mark_mask=mark_mask, accept=accept,
-            drop_portids=(pid,) if suppress_echoes else (), own_portids=(pid,))
+            drop_portids=(pid,) if suppress_echoes else (), own_portids=(pid,),
+            read_budget=read_budget)
 
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.events.start(loop)
