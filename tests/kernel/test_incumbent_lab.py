@@ -95,5 +95,5 @@ def test_incumbent_ruleset_renders_notrack_and_nat() -> None:
     text = render_incumbent_ruleset(cfg_lab)
     assert 'iifname "repl0" udp dport 3780 notrack' in text
     assert "ip protocol 112 notrack" in text
-    assert "ct state invalid drop" in text
+    assert 'iifname { "outside0", "inside0" } ct state invalid drop' in text
     assert "snat ip to 198.18.1.1" in text and "dnat ip to 198.18.1.10:5003" in text
