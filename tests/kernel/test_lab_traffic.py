@@ -27,7 +27,9 @@ def by_node(rep: dict[str, Any], node: int) -> set[int]:
 
 
 def test_stalled_node_shows_as_gaps_of_its_flows_only(lab: Lab) -> None:
-    run = TrafficRun.start(lab, tcp=30, udp=30, rate=20.0, mode="mixed")
+    # Gaps are silences > 0.6 s: far above scheduling jitter on a busy 2-core machine, far
+    # below the 1.5 s stall.
+    run = TrafficRun.start(lab, tcp=30, udp=30, rate=10.0, mode="mixed", gap=0.6)
     try:
         ready = run.wait_ready()
         assert ready["connected"] == 60 and ready["failed"] == 0
@@ -46,7 +48,7 @@ def test_stalled_node_shows_as_gaps_of_its_flows_only(lab: Lab) -> None:
         assert dead == stalled, (sorted(dead), sorted(stalled))
         # Node 1 forwards again: its flows resume (TCP retransmits, UDP's next datagram).
         nft.owned_transaction(owned1, (), lab.node_ns(1))
-        time.sleep(2.5)
+        time.sleep(3.0)
         rep = run.stop()
     finally:
         run.kill()
@@ -57,9 +59,9 @@ def test_stalled_node_shows_as_gaps_of_its_flows_only(lab: Lab) -> None:
         if f["id"] in stalled:
             assert f["longest_silence"] >= 1.4, f
         else:
-            assert f["longest_silence"] < 0.5, f
+            assert f["longest_silence"] < 0.6, f
     assert rep["longest_silence"]["max"] >= 1.4
-    assert 0.9 <= rep["achieved_rate_per_flow"] <= 20.5
+    assert 0.9 <= rep["achieved_rate_per_flow"] <= 10.5
     # Flows alive over time: everyone, then only node 2's share, then everyone again.
     curve = [n for _t, n in alive_over_time(rep, step=0.1)]
     assert max(curve) == 60
@@ -84,7 +86,7 @@ def test_reset_connections_are_counted(lab: Lab) -> None:
 
 
 def test_unplugged_node_stalls_its_flows_until_replugged(lab: Lab) -> None:
-    run = TrafficRun.start(lab, tcp=20, udp=20, rate=20.0, mode="mixed")
+    run = TrafficRun.start(lab, tcp=20, udp=20, rate=10.0, mode="mixed", gap=0.6)
     try:
         run.wait_ready()
         time.sleep(0.4)
@@ -94,11 +96,11 @@ def test_unplugged_node_stalls_its_flows_until_replugged(lab: Lab) -> None:
         lab.set_node_links(2, up=False)
         out = lab.exec(lab.node_ns(2), ["ip", "-br", "link", "show", "outside0"]).stdout
         assert "LOWER_UP" not in out and "DOWN" in out.upper(), out
-        time.sleep(1.2)
+        time.sleep(1.5)
         mid = run.snapshot()
         assert {f["id"] for f in mid["per_flow"] if not f["alive"]} == on2
         lab.set_node_links(2, up=True)
-        time.sleep(2.5)
+        time.sleep(3.0)
         rep = run.stop()
     finally:
         run.kill()
