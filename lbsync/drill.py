@@ -1,4 +1,6 @@
-"""``lbsync drill fail NODE``: rehearse a node failure on a live farm and measure the reaction.
+"""Farm-wide orchestration over the daemons' control sockets: ``lbsync drill fail NODE``
+(rehearse a node failure on a live farm and measure the reaction) and the planned moves of
+``lbsync rebalance`` / ``drain`` / ``undrain`` / ``weight`` (:func:`run_rebalance`).
 
 The drill talks to the daemons' control sockets (``/run/lbsync/<cluster>-<id>.sock``): every
 node's that this host can reach (all of them in the lab; on a real farm run it where the
@@ -195,3 +197,71 @@ def render_report(r: Mapping[str, Any]) -> str:
                      f"ms, decision {v['decision_ms']} ms, commit {v['commit_ms']} ms "
                      f"({v['injected']} injected), claim {v['claim_ms']} ms")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ rebalance
+
+
+def run_rebalance(farm: Farm, local: int, *, max_concurrent: int = 8, dry_run: bool = False,
+                  timeout: float = 20.0, progress: Progress = lambda _m: None
+                  ) -> dict[str, Any]:
+    """Plan (on ``local``'s daemon), agree on the new target map, then move the buckets by
+    planned handoff in batches of at most ``max_concurrent``: seal on the old owner, take on
+    the new one. Per-bucket forwarding gap = take's claim commit - seal's release commit
+    (``time.monotonic()`` of two nodes: comparable on one host, as in the lab)."""
+    t0 = time.monotonic()
+    p = farm.request(local, "rebalance-plan", {"max_concurrent": max_concurrent})
+    progress(f"plan: {p['moves']} moves in {len(p['batches'])} batches of at most "
+             f"{max_concurrent} (map epoch {p['map_epoch']} -> {p['new_epoch']})")
+    report: dict[str, Any] = {"moves": p["moves"], "batches": len(p["batches"]),
+                              "map_epoch": p["map_epoch"], "new_epoch": p["new_epoch"],
+                              "plan": p["batches"], "dry_run": dry_run}
+    if dry_run or not p["moves"]:
+        report.update(gap_ms=None, moved=0, total_s=0.0, incomplete=0, per_bucket={})
+        return report
+    res = farm.request(local, "map-propose", {"target": p["target"]})
+    epoch = res["map_epoch"]
+    nodes = {n for b in p["batches"] for m in b for n in m[1:]}
+
+    def agreed() -> bool:
+        return all((st := farm.status(n)) is not None and st["map_epoch"] >= epoch
+                   for n in nodes)
+
+    deadline = time.monotonic() + timeout
+    while not agreed():
+        if time.monotonic() > deadline:
+            raise DrillError(f"the farm did not adopt map epoch {epoch} within {timeout:.0f} s")
+        time.sleep(0.02)
+    progress(f"map epoch {epoch} agreed by nodes {sorted(nodes)}")
+    gaps: list[float] = []
+    per_bucket: dict[str, Any] = {}
+    incomplete = 0
+    moved = 0
+    for i, batch in enumerate(p["batches"], 1):
+        pairs: dict[tuple[int, int], list[int]] = {}
+        for b, src, dst in batch:
+            pairs.setdefault((src, dst), []).append(b)
+        for (src, dst), buckets in sorted(pairs.items()):
+            seal = farm.request(src, "handoff-seal", {"buckets": buckets})
+            take = farm.request(dst, "handoff-take", {"buckets": buckets, "from_node": src,
+                                                      "seq": seal["seq"]})
+            gap = take["claimed_monotonic"] - seal["released_monotonic"]
+            for b in buckets:
+                gaps.append(gap)
+                per_bucket[str(b)] = {"from": src, "to": dst, "gap_ms": round(gap * 1e3, 2),
+                                      "complete": take["complete"]}
+            incomplete += 0 if take["complete"] else len(buckets)
+            moved += len(buckets)
+        progress(f"batch {i}/{len(p['batches'])}: {len(batch)} buckets moved, longest gap "
+                 f"{max(per_bucket[str(m[0])]['gap_ms'] for m in batch):.1f} ms")
+    total = time.monotonic() - t0
+    gaps.sort()
+
+    def pct(q: float) -> float | None:
+        return round(gaps[min(len(gaps) - 1, int(q * len(gaps)))] * 1e3, 2) if gaps else None
+
+    report.update(moved=moved, incomplete=incomplete, total_s=round(total, 3),
+                  gap_ms={"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99),
+                          "max": pct(1.0)},
+                  per_bucket=per_bucket)
+    return report

@@ -18,14 +18,32 @@ Handlers (``{name: async handler(args)}``, merged into the daemon's control sock
   was declared lost, releases and rejoins as a new incarnation through the readiness gate.
 - ``drill-counters``: ``install``/``read``/``remove`` the reset counters
   (``table inet lbsync_drill``: ``tcp flags rst`` counted on the forward and output hooks).
+- ``rebalance-plan``: the target map ``hashing.assign`` computes from the ready view and the
+  *actual* owners, and ``hashing.plan``'s batches of moves; ``map-propose`` installs that map
+  (epoch + 1) so the farm agrees on the new target before anything moves.
+- ``handoff-seal`` / ``handoff-take``: the two halves of a planned handoff, run on the old and
+  the new owner by the orchestrator (:mod:`lbsync.drill`). Seal: the bucket leaves ``@owned``
+  (the old owner stops forwarding it), the events already read for it are still replicated,
+  the bucket is released and the stream flushed; the answer carries the last sequence number
+  sent (the seal). Take: wait until this node has delivered the old owner's stream up to the
+  seal, inject what the store has and the kernel lacks, claim in one nft transaction,
+  announce. The forwarding gap is take's commit minus seal's commit.
+- ``set-local``: drained flag and weight of this node, persisted in the state directory
+  (``<state>/<cluster>-<id>.operator``, read again at start) and announced in heartbeats.
+
+The handoff halves change membership's actual ownership through its private set (there is no
+core API for a planned move yet): a first increment, see docs/operations.md.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from lbsync.nft import NftError, run_nft
@@ -33,6 +51,8 @@ from lbsync.nft import NftError, run_nft
 log = logging.getLogger(__name__)
 
 DRILL_TABLE = "lbsync_drill"
+SEAL_DRAIN = 0.005  # lets conntrack events already read for sealed buckets be replicated
+TAKE_WAIT = 2.0  # at most this long for the old owner's stream to reach the seal
 MAX_DRILL_HANG = 60.0
 # The drill's reset counters: RSTs this node forwards (flows it owns) and RSTs its own stack
 # sends. Separate table, so the lbsync ruleset is never touched; priority after filter.
@@ -153,10 +173,193 @@ class Ops:
         self.resyncs_requested = 0
         self.drills = 0
         self.last_fail_monotonic: float | None = None
+        self.handoffs: list[dict[str, Any]] = []
+        self._restore_operator_state()
+
+    # ---------------------------------------------------------------- operator state
+
+    def _operator_file(self) -> Path:
+        state = self.node.state
+        return Path(state.base).with_suffix(".operator")
+
+    def _restore_operator_state(self) -> None:
+        try:
+            data = json.loads(self._operator_file().read_text())
+        except (OSError, ValueError, AttributeError):
+            return
+        node = self.node
+        drained = bool(data.get("drained", False))
+        weight = data.get("weight")
+        node.ms.set_local(node.loop.time(), drained=drained,
+                          weight=int(weight) if isinstance(weight, int) else None)
+        log.info("ops.operator_state_restored drained=%s weight=%s", drained, weight)
+
+    async def set_local(self, args: Mapping[str, Any]) -> Any:
+        node = self.node
+        drained = args.get("drained")
+        weight = args.get("weight")
+        if weight is not None:
+            weight = _int(weight, "weight")
+            if not 1 <= weight <= 1_000_000:
+                raise OpsError("weight must be 1..1000000")
+        if drained is not None and not isinstance(drained, bool):
+            raise OpsError("drained must be true or false")
+        node.ms.set_local(node.loop.time(), drained=drained, weight=weight)
+        node._membership_changed()
+        path = self._operator_file()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"drained": node.ms.drained, "weight": node.ms.weight}))
+        os.replace(tmp, path)
+        return {"node_id": node.node_id, "drained": node.ms.drained,
+                "weight": node.ms.weight, "persisted": str(path)}
+
+    # ---------------------------------------------------------------- rebalance
+
+    def _plan(self, max_batch: int) -> tuple[Any, Any, tuple[tuple[Any, ...], ...]]:
+        from hashing.ownermap import (
+            ALGORITHM_VERSION,
+            ZERO_HASH,
+            Member,
+            OwnerMap,
+            View,
+            assign,
+            plan,
+        )
+
+        node = self.node
+        tm = node.ms.map
+        if tm is None:
+            raise OpsError("no agreed map yet")
+        actual = reported_owners(node)
+        bad = [b for b, o in actual.items() if len(o) != 1]
+        if bad:
+            raise OpsError(f"{len(bad)} buckets have no single actual owner (a takeover or "
+                           f"fence in flight): try again")
+        owners = tuple(actual[b][0] for b in range(node.B))
+        held = View.of(Member(n) for n in sorted(set(owners)))
+        current = OwnerMap(version=ALGORITHM_VERSION, buckets=node.B, epoch=tm.epoch,
+                           prev_hash=ZERO_HASH, view=held, owners=owners)
+        ready = View.of(Member(m.node_id, m.weight, m.drained)
+                        for m in node.ms.ready_view())
+        if not ready.eligible:
+            raise OpsError("no ready, undrained member to own buckets")
+        new = assign(ready, node.B, current)
+        return current, new, plan(current, new, max_batch)
+
+    async def rebalance_plan(self, args: Mapping[str, Any]) -> Any:
+        k = _int(args.get("max_concurrent", 8), "max_concurrent")
+        if k < 1:
+            raise OpsError("max_concurrent must be >= 1")
+        current, new, batches = self._plan(k)
+        return {"map_epoch": current.epoch, "new_epoch": new.epoch,
+                "view": [[m.node_id, m.weight, m.drained] for m in new.view.members],
+                "current": list(current.owners), "target": list(new.owners),
+                "moves": sum(len(b) for b in batches),
+                "batches": [[[m.bucket, m.from_node, m.to_node] for m in b] for b in batches]}
+
+    async def map_propose(self, args: Mapping[str, Any]) -> Any:
+        """Install the target map of the current plan (epoch + 1) as the agreed map."""
+        from lbsync.node import target_map
+
+        node = self.node
+        _current, new, _batches = self._plan(1)
+        want = [int(x) for x in args.get("target", [])]
+        if want and want != list(new.owners):
+            raise OpsError("the farm changed since the plan: plan again")
+        tm = target_map(new, proposer=node.node_id)
+        node.ms.propose_map(tm, node.loop.time())
+        node._membership_changed()
+        return {"map_epoch": node.ms.map.epoch, "digest": node.ms.map.digest.hex()}
+
+    async def handoff_seal(self, args: Mapping[str, Any]) -> Any:
+        """Old owner: stop forwarding ``buckets``, replicate what was read, release, flush."""
+        node = self.node
+        buckets = sorted({_int(b, "bucket") for b in args.get("buckets", [])})
+        if not buckets:
+            raise OpsError("no buckets to seal")
+        notmine = [b for b in buckets if b not in node.owned]
+        if notmine:
+            raise OpsError(f"buckets {notmine} are not owned by node {node.node_id}")
+        ms = node.ms
+        # membership first, so no lease refresh re-adds them to @owned meanwhile
+        ms._owned.difference_update(buckets)
+        node.nft.update_marks("owned", (), buckets)
+        released = time.monotonic()
+        node._kernel_owned.difference_update(buckets)
+        # conntrack events already queued for these buckets are still ours to replicate
+        await asyncio.sleep(SEAL_DRAIN)
+        now = node.loop.time()
+        for b in buckets:
+            node.owned.discard(b)
+            node.ep.release(b)
+        node.ep.flush(now)
+        if node.transport is not None:
+            node.transport.pump()
+        seq = node.ep.sender.statistics().next_seq - 1
+        ms._send_now = True
+        node._membership_changed()
+        return {"node_id": node.node_id, "buckets": buckets, "seq": seq,
+                "incarnation": node.incarnation, "released_monotonic": released}
+
+    async def handoff_take(self, args: Mapping[str, Any]) -> Any:
+        """New owner: once the old owner's stream is delivered up to the seal, commit the
+        buckets' entries the kernel lacks, then claim them in one transaction."""
+        node = self.node
+        t_start = time.monotonic()
+        buckets = sorted({_int(b, "bucket") for b in args.get("buckets", [])})
+        src = _int(args.get("from_node"), "from_node")
+        seal = _int(args.get("seq"), "seq")
+        rcv = node.ep.receiver
+        deadline = node.loop.time() + TAKE_WAIT
+        complete = True
+        while True:
+            pos = rcv.peer_position(src)
+            if pos is not None and pos[1] > seal:
+                break
+            if node.loop.time() >= deadline:
+                complete = False
+                log.warning("ops.handoff_incomplete from=%d seal=%d at=%s", src, seal, pos)
+                break
+            await asyncio.sleep(0.001)
+        t_delivered = time.monotonic()
+        todo = [b for b in buckets if b not in node.owned]
+        missing: list[bytes] = []
+        for b in todo:
+            ink = node.in_kernel[b]
+            for key in node.store.flows(b):
+                if key not in ink:
+                    node._to_inject[key] = b
+                    missing.append(key)
+        injected = 0
+        for i in range(0, len(missing), 2048):
+            injected += await node._inject_some(2048, missing[i:i + 2048])
+        t_committed = time.monotonic()
+        claimed = time.monotonic()
+        if todo:
+            now = node.loop.time()
+            node._write_owned(todo, node.ms.lease_expiry(), now)
+            claimed = time.monotonic()
+            epoch = node.ms.map.epoch if node.ms.map is not None else 1
+            node.ms._owned.update(todo)
+            node._kernel_owned.update(todo)
+            for b in todo:
+                node.owned.add(b)
+                node.ep.claim(b, epoch, now)
+            node.ms._send_now = True
+            node._membership_changed()
+        return {"node_id": node.node_id, "buckets": buckets, "taken": todo,
+                "already_owned": [b for b in buckets if b not in todo],
+                "complete": complete, "injected": injected,
+                "wait_s": t_delivered - t_start, "commit_s": t_committed - t_delivered,
+                "claimed_monotonic": claimed}
 
     def handlers(self) -> dict[str, Handler]:
         return {"map": self.map, "resync": self.resync, "resync-status": self.resync_status,
-                "drill-fail": self.drill_fail, "drill-counters": self.drill_counters}
+                "drill-fail": self.drill_fail, "drill-counters": self.drill_counters,
+                "rebalance-plan": self.rebalance_plan, "map-propose": self.map_propose,
+                "handoff-seal": self.handoff_seal, "handoff-take": self.handoff_take,
+                "set-local": self.set_local}
 
     async def map(self, args: Mapping[str, Any]) -> Any:
         explain = args.get("explain")
@@ -247,8 +450,6 @@ class Ops:
 
 def read_drill_counters(netns: str | None = None) -> dict[str, int]:
     """Packets counted by the drill's reset counters (0 when the table is missing)."""
-    import json
-
     out = {"forwarded_rst": 0, "local_rst": 0}
     try:
         text = run_nft(["-j", "list", "table", "inet", DRILL_TABLE], netns=netns)

@@ -152,6 +152,37 @@ def register_farm_commands(sub: Any) -> None:
                    help="give up when the farm has not reacted within S seconds")
     f.add_argument("--json", action="store_true", help="print the report as JSON")
     f.set_defaults(func=_drill_fail)
+    rb = sub.add_parser("rebalance", help="show or execute the plan to the target map",
+                        description="Computes the target map from the ready view (weights, "
+                                    "drain flags) and the actual owners, agrees on it, and "
+                                    "moves buckets by planned handoff in batches.")
+    _common(rb)
+    _rebalance_args(rb)
+    rb.add_argument("--dry-run", action="store_true", help="show the plan, move nothing")
+    rb.set_defaults(func=_rebalance)
+    for name, helptext in (("drain", "maintenance: move every bucket off NODE (persisted)"),
+                           ("undrain", "end maintenance: NODE may own buckets again")):
+        dp = sub.add_parser(name, help=helptext)
+        dp.add_argument("node", type=int, metavar="NODE")
+        _common(dp)
+        _rebalance_args(dp)
+        dp.add_argument("--no-rebalance", action="store_true",
+                        help="only set the flag; move buckets later with `lbsync rebalance`")
+        dp.set_defaults(func=_drain, drained=name == "drain")
+    w = sub.add_parser("weight", help="set NODE's weight (share of buckets), persisted")
+    w.add_argument("node", type=int, metavar="NODE")
+    w.add_argument("weight", type=int, metavar="W", help="1..1000000")
+    _common(w)
+    _rebalance_args(w)
+    w.add_argument("--no-rebalance", action="store_true",
+                   help="only set the weight; move buckets later with `lbsync rebalance`")
+    w.set_defaults(func=_weight)
+
+
+def _rebalance_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-concurrent", type=int, default=8, metavar="K",
+                   help="buckets moved per batch (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def _query(args: argparse.Namespace, cmd: str, cmd_args: dict[str, Any] | None = None) -> Any:
@@ -264,3 +295,95 @@ def _drill_fail(args: argparse.Namespace) -> int:
     else:
         print(render_report(report))
     return 0 if report["restored"] else 1
+
+
+def _farm(args: argparse.Namespace) -> tuple[Any, int]:
+    from lbsync.drill import Farm
+
+    cfg = load_cluster(args.config)
+    local = load_node_id(cfg, args.node_id)
+    node = getattr(args, "node", None)
+    if node is not None and node not in cfg.node_ids:
+        raise _usage(f"{args.func.__name__.strip('_')}: node {node} is not in the cluster "
+                     f"({', '.join(map(str, cfg.node_ids))})")
+    if args.max_concurrent < 1:
+        raise _usage("--max-concurrent must be >= 1")
+    return Farm({n: cfg.runtime_path(n, "sock") for n in cfg.node_ids}), local
+
+
+def _print_rebalance(args: argparse.Namespace, report: dict[str, Any]) -> None:
+    import json
+
+    if args.json:
+        print(json.dumps(report, sort_keys=True))
+        return
+    if report["dry_run"]:
+        print(f"plan: {report['moves']} moves in {report['batches']} batches "
+              f"(map epoch {report['map_epoch']} -> {report['new_epoch']})")
+        for i, batch in enumerate(report["plan"], 1):
+            print(f"  batch {i}: " + ", ".join(f"{b}:{s}->{d}" for b, s, d in batch))
+        return
+    print(f"moved {report['moved']} buckets in {report['batches']} batches, "
+          f"{report['total_s']} s; forwarding gap per bucket (ms) {report['gap_ms']}; "
+          f"incomplete seals {report['incomplete']}")
+
+
+def _run_rebalance(args: argparse.Namespace, farm: Any, local: int, dry_run: bool) -> int:
+    import time
+
+    from lbsync.drill import DrillError, run_rebalance
+
+    def progress(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr if args.json else
+              sys.stdout, flush=True)
+
+    try:
+        report = run_rebalance(farm, local, max_concurrent=args.max_concurrent,
+                               dry_run=dry_run, progress=progress)
+    except (DrillError, ControlError) as exc:
+        sys.stderr.write(f"lbsync: rebalance failed: {exc}\n")
+        return 1
+    _print_rebalance(args, report)
+    return 0
+
+
+def _rebalance(args: argparse.Namespace) -> int:
+    farm, local = _farm(args)
+    return _run_rebalance(args, farm, local, args.dry_run)
+
+
+def _set_local_then_rebalance(args: argparse.Namespace, change: dict[str, Any]) -> int:
+    import time
+
+    farm, local = _farm(args)
+    try:
+        res = farm.request(args.node, "set-local", change)
+    except ControlError as exc:
+        sys.stderr.write(f"lbsync: node {args.node}: {exc}\n")
+        return 1
+    print(f"node {args.node}: drained={res['drained']} weight={res['weight']} "
+          f"(persisted in {res['persisted']})", file=sys.stderr if args.json else sys.stdout)
+    if args.no_rebalance:
+        return 0
+    # the local daemon learns the change from the node's next heartbeats
+    deadline = time.monotonic() + 5.0
+    want = [args.node, res["weight"], res["drained"]]
+    while time.monotonic() < deadline:
+        try:
+            view = farm.request(local, "rebalance-plan", {"max_concurrent": 1})["view"]
+        except ControlError:
+            view = []
+        if want in view or (res["drained"] and args.node not in [v[0] for v in view]):
+            break
+        time.sleep(0.05)
+    return _run_rebalance(args, farm, local, False)
+
+
+def _drain(args: argparse.Namespace) -> int:
+    return _set_local_then_rebalance(args, {"drained": args.drained})
+
+
+def _weight(args: argparse.Namespace) -> int:
+    if not 1 <= args.weight <= 1_000_000:
+        raise _usage("weight: W must be 1..1000000")
+    return _set_local_then_rebalance(args, {"weight": args.weight})
