@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import itertools
 import json
 import logging
 import math
@@ -199,14 +200,22 @@ class Node:
                              timing=Timing.from_config(self.cfg.membership),
                              rng=random.Random(), now=now, incarnation=self.incarnation,
                              resume_owned=resume, weight=self.me.weight, ready=False)
+        # Entries per slice of kernel work (events, injections): a slice must stay well under
+        # the stall threshold on a loaded node (~40-70k entries/s: 10k per second of stall
+        # budget is about a quarter of it), else bulk work fences the node.
+        self._slice = max(self.cfg.kernel.batch_entries,
+                          min(self.cfg.kernel.slice_entries,
+                              int(self.ms.timing.stall * 10_000)))
         self.owned: set[int] = set(resume)
         for b in resume:
             # announced after the kernel dump in run() (_announce_owned)
             self.ep.claim(b, 1, now, announce=False)
         self.kernel = Conntrack(on_events=self._on_kernel_events,
                                 on_resync=self._on_kernel_resync, config=self.cfg.kernel,
-                                marks=self.owned)
+                                marks=self.owned, read_budget=self._slice)
         self.in_kernel: list[set[bytes]] = [set() for _ in range(self.B)]
+        self._event_backlog: deque[CtEvent] = deque()
+        self._events_scheduled = False
         # false: standby copies stay in the store until a takeover commits them
         self.preinject = self.cfg.membership.preinject
         self._to_inject: dict[bytes, int] = {}
@@ -311,6 +320,22 @@ class Node:
     # ------------------------------------------------------------------ owner pipeline
 
     def _on_kernel_events(self, events: list[CtEvent]) -> None:
+        # A burst (a 100k-entry commit) arrives as one huge read: queue it and work through it
+        # in slices, one per loop iteration, so heartbeats and timers run in between (a long
+        # callback is a stall, and a stall fences the node).
+        self._event_backlog.extend(events)
+        if not self._events_scheduled:
+            self._events_scheduled = True
+            self.loop.call_soon(self._drain_kernel_events)
+
+    def _drain_kernel_events(self) -> None:
+        self._events_scheduled = False
+        backlog = self._event_backlog
+        n = min(len(backlog), self._slice)
+        events = [backlog.popleft() for _ in range(n)]
+        if backlog:
+            self._events_scheduled = True
+            self.loop.call_soon(self._drain_kernel_events)
         now = self.loop.time()
         ep = self.ep
         owned = self.owned
@@ -331,6 +356,8 @@ class Node:
 
     def _on_kernel_resync(self, table: list[CtEvent]) -> None:
         """After lost events (ENOBUFS): the owned buckets' kernel table is the truth."""
+        while self._event_backlog:  # events read before the table: applied first, as before
+            self._drain_kernel_events()
         now = self.loop.time()
         by_bucket: dict[int, dict[bytes, bytes]] = {}
         for ev in table:
@@ -411,7 +438,7 @@ class Node:
 
     async def _kernel_writer(self) -> None:
         """Batched, sliced kernel writes of standby copies (never blocking the loop long)."""
-        slice_n = self.cfg.kernel.slice_entries
+        slice_n = self._slice
         while True:
             await self._kernel_work.wait()
             self._kernel_work.clear()
@@ -430,7 +457,8 @@ class Node:
 
     async def _inject_some(self, limit: int, only: Iterable[bytes] | None = None) -> int:
         batch: list[tuple[bytes, int, bytes]] = []
-        source = list(only) if only is not None else list(self._to_inject)[:limit]
+        source = list(only) if only is not None else list(itertools.islice(self._to_inject,
+                                                                            limit))
         for key in source:
             bucket = self._to_inject.pop(key, None)
             if bucket is None:
@@ -578,9 +606,10 @@ class Node:
                     self._to_inject[key] = b
                     missing.append(key)
         injected = 0
-        slice_n = self.cfg.kernel.slice_entries
+        slice_n = self._slice
         for i in range(0, len(missing), slice_n):
             injected += await self._inject_some(slice_n, missing[i:i + slice_n])
+            await asyncio.sleep(0)  # heartbeats between slices: a 100k commit must not stall
         t1 = self.loop.time()
         epoch = ev.new_map.epoch
         try:
