@@ -52,6 +52,13 @@ def register(sub: Any) -> None:
     up.add_argument("--ipv6", action="store_true", help="add IPv6 addresses, VIPs and NAT")
     up.add_argument("--buckets", type=_positive_int, default=farm.DEFAULT_BUCKETS,
                     metavar="B", help="bucket count (default %(default)s)")
+    up.add_argument("--daemons", action="store_true",
+                    help="start lbsyncd in every node namespace (generated key ring)")
+    up.add_argument("--mode", choices=("active", "vrrp"), default="active",
+                    help="active: the lbsync farm (default); vrrp: the incumbent, 2 nodes, "
+                         "keepalived + conntrackd FTFW")
+    up.add_argument("--advert-int", type=float, default=1.0, metavar="S",
+                    help="--mode vrrp: VRRP advert_int in seconds (default %(default)s)")
     up.add_argument("--json", action="store_true", help="print lab.json")
     up.set_defaults(func=_up)
 
@@ -88,10 +95,24 @@ def _load(prefix: str) -> Lab:
 
 def _up(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
+    if args.mode == "vrrp":
+        return _up_vrrp(args)
     try:
         lab = Lab.create(args.name, args.nodes, ipv6=args.ipv6, buckets=args.buckets)
     except LabError as exc:
         raise UsageError(str(exc)) from None
+    if args.daemons:
+        from lbsync.lab import daemons
+
+        try:
+            daemons.start_daemons(lab)
+            daemons.wait_ready(lab, timeout=30)
+        except BaseException as exc:
+            lab.destroy()
+            if isinstance(exc, LabError):
+                sys.stderr.write(f"lbsync: error: daemons did not start: {exc}\n")
+                return 1
+            raise
     if args.json:
         print(json.dumps(lab.state(), indent=1))
         return 0
@@ -101,9 +122,32 @@ def _up(args: argparse.Namespace) -> int:
     print(f"  client {lab.client_ns} {a.client}, server {lab.server_ns} {a.server}, "
           f"VIPs {a.outside_vip} / {a.inside_vip}")
     for i in lab.node_ids:
-        print(f"  node {i}: {lab.node_ns(i)}, owns {len(lab.split[i])} buckets")
+        print(f"  node {i}: {lab.node_ns(i)}, owns {len(lab.split[i])} buckets"
+              + (", lbsyncd running" if args.daemons else ""))
     print(f"  config {lab.config_path}; try: lbsync lab traffic --name {lab.prefix} "
           f"--tcp 10 --udp 10 --duration 3")
+    return 0
+
+
+def _up_vrrp(args: argparse.Namespace) -> int:
+    if args.daemons or args.ipv6 or args.nodes not in (2, farm.DEFAULT_NODES) \
+            or args.buckets != farm.DEFAULT_BUCKETS:
+        raise UsageError("lab up --mode vrrp: the incumbent lab is 2 IPv4 nodes "
+                         "(no --daemons, --ipv6, --nodes or --buckets)")
+    if not args.advert_int > 0:
+        raise UsageError(f"--advert-int must be > 0, not {args.advert_int}")
+    from lbsync.lab import incumbent
+
+    try:
+        lab = incumbent.up(args.name, advert_int=args.advert_int)
+    except LabError as exc:
+        raise UsageError(str(exc)) from None
+    if args.json:
+        print(json.dumps(lab.state(), indent=1))
+        return 0
+    print(f"lab {lab.prefix} (incumbent: keepalived advert_int {args.advert_int} + conntrackd "
+          f"FTFW): node {lab.master()} holds the VIPs; try: lbsync lab traffic --name "
+          f"{lab.prefix} --mode snat --tcp 10 --udp 10 --duration 3")
     return 0
 
 
@@ -136,7 +180,8 @@ def _status(args: argparse.Namespace) -> int:
             if not n["present"]:
                 print(f"  node {n['id']}: namespace {n['namespace']} missing")
                 continue
-            print(f"  node {n['id']}: {n['namespace']}, owns {n['owned']} buckets, "
+            owned = n["owned"] if n.get("owned") is not None else "no"
+            print(f"  node {n['id']}: {n['namespace']}, owns {owned} buckets, "
                   f"{n['conntrack']} conntrack entries")
     return 0
 

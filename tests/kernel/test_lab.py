@@ -172,3 +172,41 @@ def test_bad_cli_arguments_one_line_exit_2(args: list[str], words: list[str]) ->
     finally:
         farm.destroy(prefix)
     assert_lab_gone(prefix)
+
+
+def test_cli_up_with_daemons_and_down_removes_their_runtime_files() -> None:
+    prefix = lab_prefix()
+    try:
+        cp = lbsync("lab", "up", "--name", prefix, "--nodes", "2", "--daemons")
+        assert cp.returncode == 0, cp.stderr
+        lab = Lab.load(prefix)
+        runtime = [lab.cluster_config.runtime_path(i, s) for i in (1, 2) for s in ("sock",
+                                                                                  "lock")]
+        assert all(p.exists() for p in runtime)
+        daemons = [p for p, _ in lab_processes([prefix])]
+        assert len(farm.netns_pids([lab.node_ns(1)])[lab.node_ns(1)]) >= 1 and daemons
+        cp = lbsync("lab", "down", "--name", prefix)
+        assert cp.returncode == 0, cp.stderr
+        assert not any(p.exists() for p in runtime)
+    finally:
+        farm.destroy(prefix)
+    assert_lab_gone(prefix)
+
+
+def test_cli_up_vrrp_mode_builds_the_incumbent() -> None:
+    prefix = lab_prefix()
+    try:
+        one_error_line(lbsync("lab", "up", "--name", prefix, "--mode", "vrrp", "--ipv6"), 2,
+                       "vrrp")
+        cp = lbsync("lab", "up", "--name", prefix, "--mode", "vrrp", "--json")
+        assert cp.returncode == 0, cp.stderr
+        state = json.loads(cp.stdout)
+        assert state["mode"] == "vrrp" and state["nodes"] == 2, state
+        cp = lbsync("lab", "traffic", "--name", prefix, "--mode", "snat", "--tcp", "4",
+                    "--udp", "4", "--rate", "5", "--duration", "1", "--json")
+        assert cp.returncode == 0, cp.stderr
+        rep = json.loads(cp.stdout.strip().splitlines()[-1])
+        assert rep["alive"] == 8 and rep["resets"] == 0, rep["states"]
+    finally:
+        farm.destroy(prefix)
+    assert_lab_gone(prefix)
