@@ -368,7 +368,9 @@ class Membership:
         self.role = role
         self.nodes = node_ids
         self.witness = witness
-        self.voters: tuple[int, ...] = node_ids + ((witness,) if witness is not None else ())
+        self._all_voters: tuple[int, ...] = node_ids + ((witness,) if witness is not None
+                                                        else ())
+        self._removed: set[int] = set()
         self.nbuckets = buckets
         self.timing = timing
         self._rng = rng
@@ -377,7 +379,7 @@ class Membership:
         self.weight = weight
         self.drained = False
         self.ready = ready and role == "node"
-        self._peers = {n: _Peer(n) for n in self.voters if n != node_id}
+        self._peers = {n: _Peer(n) for n in self._all_voters if n != node_id}
         self._map: TargetMap | None = None
         self._seq = 0
         self._sent: dict[int, tuple[float, float]] = {}
@@ -422,6 +424,12 @@ class Membership:
         return self._map
 
     @property
+    def voters(self) -> tuple[int, ...]:
+        """The voters majorities are counted over: the configured nodes (and the witness),
+        less dead nodes the agreed map has dropped (rule 8)."""
+        return tuple(n for n in self._all_voters if n not in self._removed)
+
+    @property
     def fenced(self) -> bool:
         return self._state is SelfState.FENCED
 
@@ -439,10 +447,12 @@ class Membership:
     def lease_expiry(self) -> float:
         """Instant at which this node loses majority backing unless new echoes arrive: the
         timeout to give ``@owned`` elements, so a hung daemon fences itself in the kernel."""
-        need = _majority(len(self.voters)) - 1
+        voters = self.voters
+        need = _majority(len(voters)) - (1 if self.node_id in voters else 0)
         if need <= 0:
             return math.inf
-        leases = sorted((self._lease_from(v) for v in self._peers), reverse=True)
+        leases = sorted((self._lease_from(v) for v in self._peers if v in voters),
+                        reverse=True)
         if len(leases) < need:
             return -math.inf
         return leases[need - 1]
@@ -647,7 +657,10 @@ class Membership:
             # now + remaining grace >= the sender's leave instant + grace: never shorter.
             p.grace_until = max(p.grace_until, now + hb.grace_ms / 1000.0)
             inp = PeerInput.HEARD_LEAVING
-        elif not owned:
+        elif not owned and (p.state is not PeerState.LOST
+                            or hb.incarnation > p.lost_incarnation):
+            # A declared incarnation is never readmitted: a lost node comes back as a new
+            # incarnation owning nothing (rule 4), so a declaration stays true for good.
             inp = PeerInput.HEARD_RELEASED
         else:
             inp = PeerInput.HEARD
@@ -729,8 +742,10 @@ class Membership:
         return at + max(self.timing.fence, grace)
 
     def _backed(self, now: float) -> bool:
-        backers = 1 + sum(1 for v in self._peers if self._lease_from(v) > now)
-        return backers >= _majority(len(self.voters))
+        voters = self.voters
+        backers = (1 if self.node_id in voters else 0) + sum(
+            1 for v in self._peers if v in voters and self._lease_from(v) > now)
+        return backers >= _majority(len(voters))
 
     def _live_voters(self, now: float) -> list[_Peer]:
         return [p for p in self._peers.values()
@@ -808,8 +823,8 @@ class Membership:
             self._events_put(Unfenced(tuple(sorted(self._owned))))
 
     def _maybe_release(self) -> None:
-        if self._state is not SelfState.FENCED or not (self._owned or self._pending):
-            return
+        if self._state is not SelfState.FENCED and (self._owned or self._pending):
+            return  # backed by a majority that did not declare us: nobody can have claimed
         for v, p in self._peers.items():
             r = p.reports.get(self.node_id)
             if r is not None and r.lost_incarnation >= self.incarnation:
@@ -842,12 +857,14 @@ class Membership:
         are dropped as stale, leases are per incarnation). The node itself counts once it
         runs a later incarnation (that daemon emptied or resumed ``@owned`` at start)."""
         n = 0
+        voters = self.voters
         me = self._peers.get(node)
         if me is not None and (me.lost_incarnation >= incarnation
                                or me.incarnation > incarnation):
-            n += 2 if me.incarnation > incarnation else 1
+            n += 1 if self.node_id in voters else 0
+            n += 1 if me.incarnation > incarnation and node in voters else 0
         for v, p in self._peers.items():
-            if v == node:
+            if v == node or v not in voters:
                 continue
             r = p.reports.get(node)
             if r is not None and (r.lost_incarnation >= incarnation
@@ -972,6 +989,23 @@ class Membership:
                for hb in (p.last_hb,) if hb is not None], key=lambda m: m.node_id))
         self._events_put(MapBootstrapNeeded(members))
 
+    def _maybe_shrink_voters(self) -> None:
+        """Rule 8: a node that a majority of voters declared dead and that the agreed map no
+        longer holds stops counting as a voter (one at a time, each step keeping old and new
+        majorities intersecting); it counts again once an agreed map holds it again."""
+        m = self._map
+        if m is None or not m.incarnations:
+            return
+        members = {n for n, _ in m.incarnations}
+        self._removed -= members
+        while True:
+            dead = self._dead_nodes()
+            gone = [n for n in self.nodes if n in dead and n not in members
+                    and n not in self._removed and n != self.node_id]
+            if not gone or len(self.voters) <= 2:
+                return
+            self._removed.add(gone[0])
+
     def _maybe_rebuild(self) -> None:
         """A map with buckets no live member may own (every node of a chain lost) needs a new
         one from the ready view: asked of the lowest-id ready node, once per map."""
@@ -996,6 +1030,7 @@ class Membership:
         self._count_lost_reports()
         self._maybe_declare(now)
         self._maybe_takeover(now)
+        self._maybe_shrink_voters()
         self._maybe_bootstrap(now)
         if self._send_now or now >= self._next_hb:
             self._send_heartbeat(now)

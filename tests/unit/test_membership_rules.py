@@ -277,9 +277,12 @@ def test_peer_declared_at_t_dead_when_every_live_member_agrees() -> None:
     assert isinstance(mine, Heartbeat)
     r2 = next(r for r in mine.peers if r.node_id == 2)
     assert (r2.echo_seq, r2.lost_incarnation) == (0, 1)
-    # Readmitted once it announces owning nothing.
+    # Owning nothing in the declared incarnation is not enough: only a new incarnation
+    # (what a release or a restart gives) is readmitted.
     c.receive(hb(2, 10, peers=(echo(c),)), lost_at + 0.002)
-    assert PeerJoined(2, 1) in drain(c)
+    assert not any(isinstance(e, PeerJoined) for e in drain(c))
+    c.receive(hb(2, 1, inc=2, peers=(echo(c),)), lost_at + 0.003)
+    assert PeerJoined(2, 2) in drain(c)
 
 
 def test_only_a_backed_node_declares() -> None:
