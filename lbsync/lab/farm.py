@@ -831,8 +831,15 @@ def destroy(prefix: str, *, root: Path = LAB_ROOT) -> bool:
         return False
     # Every process the lab starts runs in one of its namespaces: found by namespace, never by
     # a pid file (a stale pid may belong to someone else by now).
-    pids = [p for ps in netns_pids(names).values() for p in ps]
-    kill_pids([p for p in pids if p != os.getpid()])
+    # Several rounds: a supervisor (keepalived's parent, say) may respawn a child between the
+    # scan and its own death; a process left in a namespace keeps it alive after the unmount.
+    pids: list[int] = []
+    for round_ in range(10):
+        found = [p for ps in netns_pids(names).values() for p in ps if p != os.getpid()]
+        if not found:
+            break
+        pids += found
+        kill_pids(found, grace=1.0 if round_ == 0 else 0.2)
     for ns in names:
         with contextlib.suppress(OSError):
             pnetns.remove(ns)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from pathlib import Path
 from typing import Any
@@ -229,33 +228,67 @@ def test_report(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert "alive 1" in text and "resets 1" in text and "node 1: 1" in text
 
 
-def test_scheduler_sends_at_the_rate() -> None:
+class _FakeUDP:
+    def __init__(self, i: int, sent: list[tuple[int, bytes]]) -> None:
+        self.i = i
+        self.sent = sent
+
+    def sendto(self, data: bytes, addr: Any = None) -> None:
+        self.sent.append((self.i, data))
+
+    def close(self) -> None:
+        pass
+
+
+class _FakeLoop:
+    """Just enough of a loop for the scheduler: a clock and one pending timer."""
+
+    def __init__(self, clock: list[float]) -> None:
+        self.clock = clock
+        self.pending: tuple[float, Any, tuple[Any, ...]] | None = None
+
+    def time(self) -> float:
+        return self.clock[0]
+
+    def call_at(self, when: float, cb: Any, *args: Any) -> Any:
+        self.pending = (when, cb, args)
+        return self
+
+    def cancel(self) -> None:
+        self.pending = None
+
+    def run_until(self, t: float) -> None:
+        while self.pending is not None and self.pending[0] <= t:
+            when, cb, args = self.pending
+            self.pending = None
+            self.clock[0] = max(self.clock[0], when)
+            cb(*args)
+        self.clock[0] = t
+
+
+def test_scheduler_sends_at_the_rate_and_skips_after_a_stall(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
     c = _client(n=4, rate=50.0)
     sent: list[tuple[int, bytes]] = []
-
-    class FakeUDP:
-        def __init__(self, i: int) -> None:
-            self.i = i
-
-        def sendto(self, data: bytes, addr: Any = None) -> None:
-            sent.append((self.i, data))
-
-        def close(self) -> None:
-            pass
-
     for f in c.flows:
-        f.transport = FakeUDP(f.spec.id)  # type: ignore[assignment]
-
-    async def go() -> None:
-        loop = asyncio.get_running_loop()
-        c.start_sending(loop)
-        await asyncio.sleep(0.5)
-        c.stop_sending()
-
-    asyncio.run(go())
+        f.transport = _FakeUDP(f.spec.id, sent)  # type: ignore[assignment]
+    loop = _FakeLoop(clock)
+    c.start_sending(loop)  # type: ignore[arg-type]
+    loop.run_until(1000.499)
     per_flow = [sum(1 for i, _ in sent if i == k) for k in range(4)]
-    assert all(20 <= n <= 27 for n in per_flow), per_flow
+    assert per_flow == [25, 25, 25, 25]     # 50/s for 0.5 s, phases spread over 20 ms
     # Sequence numbers count up per flow from 0.
     seqs = [traffic.decode_request(d)[2] for i, d in sent if i == 0]
-    assert seqs == list(range(len(seqs)))
-    assert c.flows[0].sent == len(seqs)
+    assert seqs == list(range(25)) and c.flows[0].sent == 25
+    # A 1 s stall of the loop: the missed slots are skipped, not sent in a burst.
+    clock[0] = 1001.5
+    loop.run_until(1001.5)
+    assert [sum(1 for i, _ in sent if i == k) for k in range(4)] == [26] * 4
+    loop.run_until(1001.999)
+    counts = [sum(1 for i, _ in sent if i == k) for k in range(4)]
+    assert all(50 <= n <= 51 for n in counts), counts   # the rate again, same phases
+    c.stop_sending()
+    loop.run_until(1003.0)
+    assert len(sent) == sum(counts)
