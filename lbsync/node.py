@@ -211,7 +211,9 @@ class Node:
             # announced after the kernel dump in run() (_announce_owned)
             self.ep.claim(b, 1, now, announce=False)
         self.kernel = Conntrack(on_events=self._on_kernel_events,
-                                on_resync=self._on_kernel_resync, config=self.cfg.kernel,
+                                on_resync=self._on_kernel_resync,
+                                config=dataclasses.replace(self.cfg.kernel,
+                                                           slice_entries=self._slice),
                                 marks=self.owned, read_budget=self._slice)
         self.in_kernel: list[set[bytes]] = [set() for _ in range(self.B)]
         self._event_backlog: deque[CtEvent] = deque()
@@ -655,7 +657,12 @@ class Node:
                 return
             before = {b: dict(self.store.flows(b)) for b in self.owned}
             interrupted = self.kernel.requests.statistics().dump_interrupted
-            table = await self.kernel.requests.dump_all()
+            # Only the owned buckets, filtered by the kernel: every node holds every flow of
+            # the farm (standby copies), and decoding all of them every interval stalls the
+            # loop at 100k+ entries.
+            table: list[CtEvent] = []
+            for b in sorted(before):
+                table += await self.kernel.requests.dump_all(mark=b)
             if self.kernel.requests.statistics().dump_interrupted != interrupted:
                 return
             present = {ev.key for ev in table}
