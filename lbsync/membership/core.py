@@ -371,6 +371,7 @@ class Membership:
         self._all_voters: tuple[int, ...] = node_ids + ((witness,) if witness is not None
                                                         else ())
         self._removed: set[int] = set()
+        self._voters = self._all_voters
         self.nbuckets = buckets
         self.timing = timing
         self._rng = rng
@@ -427,7 +428,7 @@ class Membership:
     def voters(self) -> tuple[int, ...]:
         """The voters majorities are counted over: the configured nodes (and the witness),
         less dead nodes the agreed map has dropped (rule 8)."""
-        return tuple(n for n in self._all_voters if n not in self._removed)
+        return self._voters
 
     @property
     def fenced(self) -> bool:
@@ -997,14 +998,20 @@ class Membership:
         if m is None or not m.incarnations:
             return
         members = {n for n, _ in m.incarnations}
-        self._removed -= members
+        if self._removed & members:
+            self._removed -= members
+            self._voters = tuple(n for n in self._all_voters if n not in self._removed)
         while True:
+            outside = [n for n in self.nodes if n not in members and n not in self._removed
+                       and n != self.node_id]
+            if not outside or len(self._voters) <= 2:
+                return
             dead = self._dead_nodes()
-            gone = [n for n in self.nodes if n in dead and n not in members
-                    and n not in self._removed and n != self.node_id]
-            if not gone or len(self.voters) <= 2:
+            gone = [n for n in outside if n in dead]
+            if not gone:
                 return
             self._removed.add(gone[0])
+            self._voters = tuple(n for n in self._all_voters if n not in self._removed)
 
     def _maybe_rebuild(self) -> None:
         """A map with buckets no live member may own (every node of a chain lost) needs a new
