@@ -62,6 +62,7 @@ BUCKETS = 64
 VICTIM = 1
 RATE = 10.0
 WINDOW_AFTER = 1.0        # a gap starting up to 1 s after t0 still belongs to the kill
+PRE_SLACK = 0.5           # ... and one starting up to 0.5 s before it (5 request intervals)
 PLOT_BEFORE = 1.0
 SETTLE_BEFORE = 1.5       # quiet time between the last interim report and the kill
 PLOT_STEP = 0.05
@@ -71,6 +72,17 @@ PROBES = (50, 90, 99, 100)
 
 
 # ------------------------------------------------------------------------------- figures
+
+
+REPORTS: str | None = None   # --reports DIR: keep every final traffic report there
+
+
+def keep(rep: dict[str, Any], variant: str, t0: float) -> None:
+    if REPORTS:
+        os.makedirs(REPORTS, exist_ok=True)
+        name = variant.replace(" ", "-")
+        with open(os.path.join(REPORTS, f"{name}.json"), "w") as f:
+            json.dump({"t0_kill": t0, "report": rep}, f)
 
 
 def drill_figures(rep: dict[str, Any], t0: float, victim_flows: set[int] | None
@@ -83,8 +95,14 @@ def drill_figures(rep: dict[str, Any], t0: float, victim_flows: set[int] | None
                 and not f["peer_changes"]]
     silence: dict[int, float] = {}
     resume: dict[int, float] = {}
+    disturbed = 0
     for f in flows:
-        around = [(a, b) for a, b in f["gaps"] if b > kill and a < kill + WINDOW_AFTER]
+        # a gap the kill caused starts at the flow's last reply before the kill (at most a
+        # couple of request intervals earlier) or after it; an older one was a stall of the
+        # machine (or the client) already under way: the flow counts as disturbed
+        disturbed += any(a < kill - PRE_SLACK and b > kill - SETTLE_BEFORE for a, b in f["gaps"])
+        around = [(a, b) for a, b in f["gaps"]
+                  if b > kill and kill - PRE_SLACK <= a < kill + WINDOW_AFTER]
         if around:
             silence[f["id"]] = max(b - a for a, b in around)
             resume[f["id"]] = max(b for _a, b in around) - kill
@@ -105,6 +123,7 @@ def drill_figures(rep: dict[str, Any], t0: float, victim_flows: set[int] | None
         "dead_node_share_pct": round(100.0 * len(victims) / max(1, n), 2),
         "gaps_outside_dead_node": len(set(silence) - victims),
         "resume_first_s": round(min(resume.values()), 4) if resume else None,
+        "flows_disturbed_before_kill": disturbed,
     }
     for k, v in percentiles(list(silence.values()), PROBES).items():
         out[f"gap_{k}_s"] = v
@@ -150,6 +169,11 @@ def configure(lab: Lab, **membership: Any) -> None:
         f.write("\n".join(lines) + "\n")
 
 
+def fences(lab: Lab, nodes: Sequence[int]) -> int:
+    """Fences so far (stall or lost majority) of ``nodes``, from their status."""
+    return sum(int(daemons.status(lab, i, timeout=30)["membership"]["fences"]) for i in nodes)
+
+
 def run_lbsync(tcp: int, udp: int, settle: float, profile: str) -> dict[str, Any]:
     lab = Lab.create(unique_prefix("f"), 3, buckets=BUCKETS)
     case: dict[str, Any] = {"variant": f"lbsync {profile}", "nodes": 3}
@@ -175,6 +199,7 @@ def run_lbsync(tcp: int, udp: int, settle: float, profile: str) -> dict[str, Any
             time.sleep(SETTLE_BEFORE)
             victim_flows = {f["id"] for f in before["per_flow"]
                             if f["mark"] is not None and f["mark"] in inherited}
+            fences_before = fences(lab, survivors)
             t0 = daemons.kill_daemon(lab, VICTIM, links_down=True)
             daemons.wait_for(lambda: {b for i in survivors for r in
                                       daemons.status(lab, i)["takeovers"]
@@ -182,10 +207,15 @@ def run_lbsync(tcp: int, udp: int, settle: float, profile: str) -> dict[str, Any
                              >= inherited, 20, interval=0.05, what="takeover records")
             time.sleep(settle)
             rep = run.stop()
-        records = [r for i in survivors for r in daemons.status(lab, i)["takeovers"]
+        # a survivor that fences (its loop stalled past T_stall, or it lost its majority)
+        # empties its @owned: every flow it forwards falls silent, not only the dead node's
+        case["survivor_fences"] = fences(lab, survivors) - fences_before
+        records = [r for i in survivors
+                   for r in daemons.status(lab, i, timeout=30)["takeovers"]
                    if r["dead_node"] == VICTIM]
         case["control_s"] = round(max(r["claimed_monotonic"] for r in records) - t0, 4)
         case["control"] = "last bucket of the dead node claimed"
+        keep(rep, case["variant"], t0)
         case.update(drill_figures(rep, t0, victim_flows))
         case["curve"] = alive_curve(rep, t0)
         return case
@@ -224,6 +254,7 @@ def run_incumbent(tcp: int, udp: int, settle: float, advert_int: float) -> dict[
         case["commit_done_s"] = _script_done_after(lab.notify_log(2), t0_wall)
         case["notify_failures"] = lab.notify_log(2).count("failed")
         case["demoted_to_sched_other"] = True
+        keep(rep, case["variant"], t0)
         case.update(drill_figures(rep, t0, None))
         case["curve"] = alive_curve(rep, t0)
         return case
@@ -258,7 +289,9 @@ COLUMNS = (("survived_pct", "surv%", "{:.1f}"), ("resets", "rst", "{:d}"),
            ("dead_node_share_pct", "dead%", "{:.1f}"), ("gap_p50_s", "gap p50", "{:.3f}"),
            ("gap_p99_s", "gap p99", "{:.3f}"), ("gap_max_s", "gap max", "{:.3f}"),
            ("gap_all_p99_s", "all p99", "{:.3f}"), ("resume_first_s", "resume1", "{:.3f}"),
-           ("resume_p99_s", "res p99", "{:.3f}"), ("control_s", "control", "{:.3f}"))
+           ("resume_p99_s", "res p99", "{:.3f}"), ("control_s", "control", "{:.3f}"),
+           ("survivor_fences", "fences", "{:d}"),
+           ("flows_disturbed_before_kill", "disturb", "{:d}"))
 
 
 def row(case: dict[str, Any]) -> str:
@@ -310,7 +343,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="100 TCP + 40 UDP, lbsync default and the incumbent at 0.1 only")
     ap.add_argument("--plot", default=None, metavar="FILE.png",
                     help="write the flows-alive-over-time plot here (needs matplotlib)")
+    ap.add_argument("--variants", default=None, metavar="V,V",
+                    help="run only these (lbsync-default, lbsync-fast, incumbent-1, "
+                    "incumbent-0.1); ratios need an lbsync variant first")
+    ap.add_argument("--reports", default=None, metavar="DIR",
+                    help="keep each variant's final traffic report (JSON) in DIR")
     args = ap.parse_args(argv)
+    global REPORTS
+    REPORTS = args.reports
     if os.geteuid() != 0:
         print(json.dumps({"error": "needs root"}))
         return 1
@@ -325,6 +365,13 @@ def main(argv: list[str] | None = None) -> int:
     plan: list[tuple[str, Any]] = [("lbsync", "default"), ("incumbent", 0.1)]
     if not args.quick:
         plan += [("incumbent", 1.0), ("lbsync", "fast")]
+    if args.variants:
+        known = {"lbsync-default": ("lbsync", "default"), "lbsync-fast": ("lbsync", "fast"),
+                 "incumbent-1": ("incumbent", 1.0), "incumbent-0.1": ("incumbent", 0.1)}
+        try:
+            plan = [known[v] for v in args.variants.split(",")]
+        except KeyError as exc:
+            ap.error(f"unknown variant {exc} (known: {', '.join(known)})")
     print(f"{tcp} TCP + {udp} UDP flows, ingress SNAT, {RATE:g} requests/s per flow; "
           "gap percentiles over the flows that saw one, 'all p99' over every flow", flush=True)
     print(header(), flush=True)
@@ -347,11 +394,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"x{r['gap_all_p99']}, resume p99 x{r['resume_p99']}, control "
                   f"x{r['control']}, share of flows with a gap x{r['share_with_gap']}",
                   flush=True)
-    inc01 = next(c for c in figures["cases"] if c.get("advert_int") == 0.1)
+    inc01: dict[str, Any] = next(
+        (c for c in figures["cases"] if c.get("advert_int") == 0.1), {})
     figures["targets"] = {
-        "lbsync_survived_100pct": lb["survived_pct"] == 100.0,
-        "lbsync_gap_p99_below_incumbent_0.1": (lb["gap_p99_s"] or 0.0)
-        < (inc01["gap_p99_s"] or float("inf")),
+        "lbsync_survived_100pct": lb.get("survived_pct") == 100.0,
+        "lbsync_gap_p99_below_incumbent_0.1": (lb.get("gap_p99_s") or 0.0)
+        < (inc01.get("gap_p99_s") or float("inf")),
     }
     print(f"targets: lbsync 100 % survival {figures['targets']['lbsync_survived_100pct']}; "
           f"p99 gap below the incumbent's at advert_int 0.1 "
