@@ -47,6 +47,11 @@ Rules (docs/membership.md explains them at length):
    while its leave grace runs, otherwise it is declared lost and must release. A node that
    ``leave()``s announces a grace: peers do not declare it before the grace ends, and its lease
    (hence its kernel ``@owned`` timeouts) extends to the grace only as far as peers echoed it.
+8. **Voters.** Majorities are counted over the configured nodes plus the witness, less the
+   nodes a majority declared dead that the agreed map no longer holds, dropped one at a time
+   (never below two voters): old and new majorities always intersect, and a dropped node can
+   never be backed again in its declared incarnation. So four nodes survive two deaths one
+   after the other (not at once). A node counts again once an agreed map holds it.
 """
 
 from __future__ import annotations
