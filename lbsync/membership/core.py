@@ -212,7 +212,8 @@ class TakeoverRecord:
     dead_node: int
     dead_incarnation: int
     buckets: tuple[int, ...]
-    last_heard_at: float
+    last_heard_at: float | None
+    """When this node last heard the dead node (None: never, e.g. bootstrap claims)."""
     declared_at: float
     decided_at: float
     claimed_at: float | None
@@ -223,7 +224,8 @@ class PeerStatus:
     node_id: int
     state: str
     incarnation: int
-    silent_for: float
+    silent_for: float | None
+    """Seconds since last heard (None: never heard)."""
     lost_incarnation: int
     owned: int
     ready: bool
@@ -935,7 +937,8 @@ class Membership:
             p = self._peers.get(dn)
             rec = TakeoverRecord(
                 dead_node=dn, dead_incarnation=di, buckets=tuple(ks),
-                last_heard_at=p.last_heard if p is not None else -math.inf,
+                last_heard_at=(p.last_heard if p is not None and p.last_heard > -math.inf
+                               else None),
                 declared_at=self._lost_declared.get(dn, now), decided_at=now, claimed_at=None)
             self._open_records[dn] = rec
             self._records.append(rec)
@@ -1108,7 +1111,7 @@ class Membership:
         now = self._last_call
         peers = tuple(
             PeerStatus(p.node_id, p.state.value, p.incarnation,
-                       now - p.last_heard if p.last_heard > -math.inf else math.inf,
+                       now - p.last_heard if p.last_heard > -math.inf else None,
                        p.lost_incarnation, len(p.owned),
                        bool(p.last_hb and p.last_hb.ready), bool(p.last_hb and p.last_hb.fenced))
             for p in sorted(self._peers.values(), key=lambda q: q.node_id))
