@@ -515,3 +515,23 @@ def test_release_takes_its_new_incarnation_from_the_daemon() -> None:
     p.beat(2, owned=(1, 4), lost_me=5)
     assert drain(c)[-1] == OwnershipReleased((0,), 2, 105)
     assert c.incarnation == 105
+
+
+def test_a_node_that_is_not_ready_decides_no_takeover_until_it_is() -> None:
+    """Readiness gate (issue 8): not ready, it owns nothing and inherits nothing; its heartbeat
+    says so, and ``ready_view`` (what the target map is computed from) leaves it out."""
+    c = core(ready=False)
+    c.propose_map(CHAIN_MAP, 0.0)
+    p = Peers(c)
+    p.beat(2, owned=(1, 4), m=CHAIN_MAP)
+    evs: list[Event] = []
+    while p.now < 0.6:
+        p.beat(3, owned=(2, 5), m=c.map, about=(PeerReport(2, 1, int(p.now * 1000), 2, 1),))
+        p.step()
+        evs += drain(c)
+    assert any(isinstance(e, PeerLost) for e in evs)
+    assert not any(isinstance(e, TakeoverDecided) for e in evs)
+    assert [m.node_id for m in c.ready_view()] == [3]
+    c.set_local(p.now, ready=True)
+    (t,) = [e for e in drain(c) if isinstance(e, TakeoverDecided)]
+    assert t.buckets == (1,) and [m.node_id for m in c.ready_view()] == [1, 3]
