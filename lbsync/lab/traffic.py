@@ -368,7 +368,10 @@ def _listening_socket(lst: Listener) -> socket.socket:
     with in_netns(lst.ns):
         s = socket.socket(fam, kind)
     try:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if lst.proto == "tcp":
+            # Rebind over TIME_WAIT. Never on UDP: there it would let a second server share
+            # the port and steal datagrams.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if fam == socket.AF_INET6:
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         s.bind(("0.0.0.0" if lst.family == 4 else "::", lst.port))
@@ -422,12 +425,15 @@ def server_running(lab: Lab) -> int | None:
 
 
 def ensure_server(lab: Lab, timeout: float = 15.0) -> int:
-    """Start the lab's traffic server unless it runs; return its pid once it listens."""
+    """Start the lab's traffic server unless it runs; return its pid once it listens.
+
+    Safe against a concurrent start: each start waits on its own ready file, and a server that
+    cannot bind because another one just did defers to that one.
+    """
     pid = server_running(lab)
     if pid is not None:
         return pid
-    ready = lab.directory / SERVER_READY
-    ready.unlink(missing_ok=True)
+    ready = lab.directory / f"{SERVER_READY}.{os.getpid()}.{time.monotonic_ns()}"
     with open(lab.directory / SERVER_LOG, "ab") as logf:
         proc = lab.popen(lab.server_ns,
                          [sys.executable, "-m", "lbsync.lab.traffic", "serve", "--lab",
@@ -436,17 +442,24 @@ def ensure_server(lab: Lab, timeout: float = 15.0) -> int:
                          stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                          start_new_session=True)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if ready.exists():
-            pid = int(json.loads(ready.read_text())["pid"])
-            (lab.directory / SERVER_PID).write_text(f"{pid}\n")
-            return pid
-        if proc.poll() is not None:
-            raise LabError(f"traffic server exited with {proc.returncode} "
-                           f"(see {lab.directory / SERVER_LOG})")
-        time.sleep(0.02)
-    proc.kill()
-    raise LabError(f"traffic server not ready within {timeout} s")
+    try:
+        while time.monotonic() < deadline:
+            if ready.exists():
+                pid = int(json.loads(ready.read_text())["pid"])
+                _write_atomic(lab.directory / SERVER_PID, f"{pid}\n")
+                return pid
+            if proc.poll() is not None:
+                time.sleep(0.1)
+                other = server_running(lab)
+                if other is not None:
+                    return other
+                raise LabError(f"traffic server exited with {proc.returncode} "
+                               f"(see {lab.directory / SERVER_LOG})")
+            time.sleep(0.02)
+        proc.kill()
+        raise LabError(f"traffic server not ready within {timeout} s")
+    finally:
+        ready.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from lbsync import nft
-from lbsync.lab import farm
+from lbsync.lab import farm, traffic
 from lbsync.lab.farm import Lab
 from lbsync.lab.traffic import TrafficRun, alive_over_time
 
@@ -109,3 +111,37 @@ def test_unplugged_node_stalls_its_flows_until_replugged(lab: Lab) -> None:
     assert {f["id"] for f in rep["per_flow"] if f["gaps"]} == on2
     with pytest.raises(farm.LabError, match="segment"):
         lab.set_node_links(1, up=False, segments=("sideways",))
+
+
+def _servers(lab: Lab) -> list[int]:
+    out = []
+    for pid in farm.netns_pids([lab.server_ns])[lab.server_ns]:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"lbsync.lab.traffic" in argv and b"serve" in argv:
+            out.append(pid)
+    return out
+
+
+def test_concurrent_starts_share_one_server_and_runs_do_not_mix(lab: Lab) -> None:
+    farm.kill_pids(_servers(lab))
+    assert traffic.server_running(lab) is None
+    with ThreadPoolExecutor(4) as ex:
+        pids = list(ex.map(lambda _: traffic.ensure_server(lab), range(4)))
+    assert len(set(pids)) == 1 and _servers(lab) == pids[:1]
+    a = TrafficRun.start(lab, udp=10, rate=10.0, duration=1.0, mode="plain")
+    b = TrafficRun.start(lab, tcp=5, udp=10, rate=10.0, duration=1.0, mode="plain")
+    try:
+        a.wait_ready()
+        b.wait_ready()
+        ra, rb = a.wait(), b.wait()
+    finally:
+        a.kill()
+        b.kill()
+    assert ra["run"] != rb["run"]
+    for rep, n in ((ra, 10), (rb, 15)):
+        assert rep["alive"] == n and rep["lost_replies"] == 0, rep["states"]
+        assert rep["server_duplicates"] == 0 and rep["bad_replies"] == 0
+        assert all(f["server_received"] == f["sent"] for f in rep["per_flow"])
