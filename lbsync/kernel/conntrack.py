@@ -56,7 +56,9 @@ from lbsync.kernel.ctnetlink import (
     encode_dump_request,
     encode_exp_create,
     encode_exp_dump_request,
+    encode_get,
     encode_update,
+    iter_messages,
 )
 from lbsync.kernel.flowrecord import RecordError
 
@@ -171,6 +173,8 @@ class KernelTable(Protocol):
 
     async def create_expectations(self, exps: Sequence[ExpectRecord]) -> WriteResult: ...
 
+    async def get(self, keys: Sequence[bytes]) -> list[CtEvent | None]: ...
+
     def statistics(self) -> RequestStatistics: ...
 
 
@@ -283,6 +287,35 @@ class ConntrackRequests:
             while not self._recv_dump(out):
                 pass
             return [e.expect for e in out.expectations]
+
+    async def get(self, keys: Sequence[bytes]) -> list[CtEvent | None]:
+        """The current entries named by ``keys`` (None where absent), in batches. For state no
+        event reports, e.g. a helper's sequence adjustment (docs/kernel.md)."""
+        found: list[CtEvent | None] = [None] * len(keys)
+        async with self._lock:
+            for start in range(0, len(keys), self._cfg.batch_entries):
+                stop = min(len(keys), start + self._cfg.batch_entries)
+                seq0 = self._next_seq(stop - start)
+                last = seq0 + stop - start - 1
+                self._sock.send(b"".join(encode_get(keys[i], seq0 + i - start, ack=i == stop - 1)
+                                         for i in range(start, stop)))
+                finished = False
+                while not finished:
+                    n = self._sock.recv_into(self._buf)
+                    for msg in iter_messages(self._view[:n].tobytes()):
+                        seq = int.from_bytes(msg[8:12], sys.byteorder)
+                        try:
+                            d = decode(msg, dump=True)
+                        except CodecError:
+                            self._n["decode_errors"] += 1
+                            continue
+                        if d.events and seq0 <= seq <= last:
+                            found[start + seq - seq0] = d.events[0]
+                        if any(a.seq == last for a in d.acks):
+                            finished = True
+                if stop < len(keys):
+                    await asyncio.sleep(0)
+        return found
 
     # writes -----------------------------------------------------------------------------------
 

@@ -913,6 +913,12 @@ def encode_update(key: bytes, seq: int, *, timeout: int | None = None, mark: int
                   b"".join(parts))
 
 
+def encode_get(key: bytes, seq: int, *, ack: bool = False) -> bytes:
+    """IPCTNL_MSG_CT_GET of one entry: the kernel answers with the entry, or ENOENT."""
+    family, body = _key_body(key)
+    return _nfmsg(CT_GET, NLM_F_REQUEST | (NLM_F_ACK if ack else 0), seq, family, body)
+
+
 def encode_dump_request(seq: int, *, family: int = 0, mark: int | None = None,
                         mark_mask: int = 0xFFFFFFFF) -> bytes:
     """IPCTNL_MSG_CT_GET dump, optionally filtered in the kernel by ``ct mark & mask == mark``."""
@@ -946,6 +952,8 @@ def encode_exp_create(exp: ExpectRecord, seq: int, *, ack: bool = True,
         parts.append(_u32attr(CTA_EXPECT_FLAGS, exp.flags))
     if exp.klass is not None:
         parts.append(_u32attr(CTA_EXPECT_CLASS, exp.klass))
+    if exp.fn:  # e.g. "nat-follow-master": the NAT helper's callback for the related flow
+        parts.append(_nla(CTA_EXPECT_FN, exp.fn.encode("ascii") + b"\0"))
     if exp.nat_tuple is not None and exp.nat_dir is not None:
         parts.append(_nest(CTA_EXPECT_NAT, _u32attr(CTA_EXPECT_NAT_DIR, exp.nat_dir),
                            _ptuple(CTA_EXPECT_NAT_TUPLE, exp.nat_tuple)))

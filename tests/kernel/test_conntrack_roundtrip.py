@@ -28,6 +28,7 @@ from lbsync.kernel.flowrecord import (
     IPPROTO_UDP,
     IPS_DST_NAT,
     IPS_DST_NAT_DONE,
+    IPS_SEQ_ADJUST,
     IPS_SRC_NAT,
     IPS_SRC_NAT_DONE,
     TCP_ESTABLISHED,
@@ -282,5 +283,73 @@ def test_round_trip_every_flow_kind(netns: NetnsSet) -> None:
         assert len(peer_exps) == 1
         assert exp_comparable(peer_exps[0]) == exp_comparable(new_exps[0])
         assert new_exps[0].master.tuple == ftp.orig and new_exps[0].tuple.tuple.dport == 5001
+
+    asyncio.run(scenario())
+
+
+FTP_VIA_VIP = r"""
+import socket, threading
+f = socket.create_connection(("198.18.3.100", 21), timeout=5); ff = f.makefile("rb")
+ff.readline(); f.sendall(b"PASV\r\n"); line = ff.readline()
+assert line.startswith(b"227") and b"198,18,3,100" in line, line  # rewritten by the NAT helper
+f.sendall(b"NOOP\r\n"); ff.readline()  # data after the rewrite: sequence adjustment in use
+print("ready", flush=True)
+threading.Event().wait()
+"""
+
+
+def test_round_trip_ftp_behind_dnat_with_sequence_adjustment(netns: NetnsSet) -> None:
+    """The FTP NAT helper rewrites the server's 227 reply (2 bytes longer): the control entry
+    carries a sequence adjustment and the expectation a NAT tuple and callback. No event
+    reports the adjustment, so the record comes from a get of the entry."""
+    ns = build_farm(netns)
+    netns.ns(ns["fw"], "nft add rule inet lbct nat_pre ip daddr 198.18.3.100 tcp dport 21 "
+                       "dnat to 198.18.2.2:21")
+    netns.ns(ns["peer"], "nft add rule inet lbct nat_pre ip daddr 198.18.3.100 tcp dport 21 "
+                         "dnat to 198.18.2.2:21")
+    events: list[CtEvent] = []
+    exps: list[ExpEvent] = []
+
+    async def scenario() -> None:
+        with entered(ns["fw"]):
+            ct = Conntrack(on_events=events.extend, on_expectations=exps.extend,
+                           groups=DEFAULT_GROUPS + EXPECT_GROUPS)
+        with entered(ns["peer"]):
+            peer = ConntrackRequests()
+        ct.start()
+        try:
+            await asyncio.to_thread(start, netns, ns["srv"], SERVER)
+            await asyncio.to_thread(start, netns, ns["cli"], FTP_VIA_VIP)
+            await asyncio.sleep(0.3)
+            latest: dict[bytes, FlowRecord] = {}
+            for ev in events:
+                rec = FlowRecord.unpack(ev.record)
+                old = latest.get(ev.key)
+                latest[ev.key] = rec if old is None else merge_records(old, rec)
+            (from_events,) = [r for r in latest.values() if r.orig.dport == 21]
+            # Kernel fact: the helper's sequence adjustment (and the IPS_SEQ_ADJUST bit) is
+            # reported by no event; a get (or dump) of the entry has it.
+            assert from_events.seqadj_reply is None
+            (got_src,) = await ct.requests.get([from_events.key])
+            assert got_src is not None
+            ctl = FlowRecord.unpack(got_src.record)
+            assert ctl.helper == "ftp" and ctl.dnat is not None
+            assert ctl.seqadj_reply is not None and ctl.seqadj_reply.offset_after == 2
+            assert ctl.status & IPS_SEQ_ADJUST and not from_events.status & IPS_SEQ_ADJUST
+            assert await ct.requests.get([b"\x02\x06" + bytes(14)]) == [None]
+            res = await peer.inject([ctl.pack()])
+            assert res.failed == (), res.errno_counts()
+            (exp,) = [e.expect for e in exps if e.kind == C.KIND_NEW]
+            assert exp.nat_tuple is not None and exp.fn == "nat-follow-master"
+            res = await peer.create_expectations([exp])
+            assert res.failed == (), res.errno_counts()
+            (got,) = [FlowRecord.unpack(e.record) for e in await peer.dump_all()]
+            (got_exp,) = await peer.dump_expectations()
+        finally:
+            ct.close()
+            peer.close()
+        assert comparable(got) == comparable(ctl)
+        assert got.seqadj_reply == ctl.seqadj_reply and got.seqadj_orig == ctl.seqadj_orig
+        assert exp_comparable(got_exp) == exp_comparable(exp)
 
     asyncio.run(scenario())
