@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from lbsync import nft
 from lbsync.config import load_cluster
 from lbsync.lab import farm, traffic
 from lbsync.lab.farm import Lab
@@ -134,14 +135,14 @@ def test_half_built_lab_is_removed_and_create_failure_cleans_up(
     assert_lab_gone(prefix)
     # A build that fails part-way (here: nft refuses the ruleset) leaves nothing behind.
     prefix = lab_prefix()
-    real = farm.nft.apply_ruleset
+    real = nft.apply_ruleset
 
     def failing(text: str, netns: str | None = None) -> None:
         real(text + "this is not nft\n", netns)
 
-    monkeypatch.setattr(farm.nft, "apply_ruleset", failing)
+    monkeypatch.setattr(nft, "apply_ruleset", failing)
     try:
-        with pytest.raises(farm.nft.NftError):
+        with pytest.raises(nft.NftError):
             Lab.create(prefix, 2)
     finally:
         farm.destroy(prefix)
