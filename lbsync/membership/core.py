@@ -539,8 +539,9 @@ class Membership:
         self._update(now)
 
     def propose_map(self, new_map: TargetMap, now: float) -> None:
-        """Install a map the daemon computed (bootstrap, rebuild, rebalance); it must outrank
-        ours. Without recorded incarnations, the members' current ones are recorded."""
+        """Install a map the daemon computed (bootstrap, rebuild, rebalance). It is renumbered
+        to outrank ours if needed (epoch = ours + 1). Without recorded incarnations, the
+        members' current ones are recorded."""
         self._tick(now)
         if not new_map.incarnations:
             known = {self.node_id: self.incarnation} | {
@@ -552,7 +553,9 @@ class Membership:
         if new_map.nbuckets != self.nbuckets:
             raise MembershipError("map has the wrong number of buckets")
         if self._map is not None and new_map.rank <= self._map.rank:
-            raise MembershipError("a proposed map must outrank the current one")
+            new_map = TargetMap(epoch=self._map.epoch + 1, proposer=self.node_id,
+                                owners=new_map.owners, successors=new_map.successors,
+                                incarnations=new_map.incarnations)
         self._adopt(new_map, self.node_id)
         self._update(now)
 

@@ -462,15 +462,17 @@ def test_joining_node_decides_nothing_before_it_has_a_map() -> None:
     assert not any(isinstance(e, TakeoverDecided) for e in drain(c))
 
 
-def test_propose_map_must_outrank_and_records_incarnations() -> None:
+def test_propose_map_outranks_and_records_incarnations() -> None:
     c = core()
     c.receive(hb(2, 1, m=None), 0.0)
     bare = TargetMap.build(epoch=1, proposer=1, owners=[1, 2, 3] * 2,
                            successors=[[2], [3], [1]] * 2)
     c.propose_map(bare, 0.0)
     assert c.map is not None and c.map.incarnations == ((1, 1), (2, 1))
+    c.propose_map(bare, 0.0)  # computed from no previous map (epoch 1): renumbered
+    assert c.map.epoch == 2 and c.map.proposer == 1
     with pytest.raises(MembershipError):
-        c.propose_map(bare, 0.0)
+        c.propose_map(TargetMap.build(epoch=9, proposer=1, owners=[1], successors=[[]]), 0.0)
 
 
 def test_statistics_is_a_frozen_snapshot() -> None:
