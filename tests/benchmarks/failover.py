@@ -32,7 +32,13 @@ resolution is the request interval, 0.1 s, and its gap threshold, 2 intervals):
 - forwarding resumed: first reply after t0 of any interrupted flow (``resume_first_s``) and the
   per-flow resume percentiles (end of its gap - t0);
 - control plane: lbsync's last claim of the dead node's buckets (takeover records); the
-  incumbent's VIP seen on node 2 (polled every 10 ms) and its primary script done (commit).
+  incumbent's VIP seen on node 2 (polled every 10 ms) and its primary script done (commit);
+- health of the run: requests lost over the whole run (UDP: never received by the server;
+  TCP: never answered), lbsync survivors' fences during the drill (a fenced node empties its
+  ``@owned``), takeovers of the victim's buckets decided before the kill (false declarations),
+  and flows already silent when the kill came (``disturbed``: a stall of the machine under
+  way; their gaps are not charged to the kill). A run with disturbed flows or fences measured
+  the machine's load as much as the failover.
 
 Ratios lbsync / incumbent (p99 gap, resume p99) are printed for each incumbent variant.
 Targets for lbsync: 100 % survival, p99 gap shorter than the incumbent's at advert_int 0.1.
@@ -125,6 +131,13 @@ def drill_figures(rep: dict[str, Any], t0: float, victim_flows: set[int] | None
         "resume_first_s": round(min(resume.values()), 4) if resume else None,
         "flows_disturbed_before_kill": disturbed,
     }
+    # requests lost over the whole run (the kill's outage and anything else): UDP requests
+    # the server never received, TCP requests never answered by the end
+    for proto in ("tcp", "udp"):
+        sent = sum(f["sent"] for f in flows if f["proto"] == proto)
+        got = sum(f["server_received"] if proto == "udp" else f["replies"]
+                  for f in flows if f["proto"] == proto)
+        out[f"{proto}_requests_lost_pct"] = round(100.0 * (sent - got) / max(1, sent), 2)
     for k, v in percentiles(list(silence.values()), PROBES).items():
         out[f"gap_{k}_s"] = v
     all_flows = [silence.get(f["id"], 0.0) for f in flows]
@@ -213,7 +226,11 @@ def run_lbsync(tcp: int, udp: int, settle: float, profile: str) -> dict[str, Any
         records = [r for i in survivors
                    for r in daemons.status(lab, i, timeout=30)["takeovers"]
                    if r["dead_node"] == VICTIM]
-        case["control_s"] = round(max(r["claimed_monotonic"] for r in records) - t0, 4)
+        # a claim of the victim's buckets before the kill is a false declaration (a starved
+        # daemon's silence read as death): counted, and not the kill's takeover
+        case["takeovers_before_kill"] = sum(r["claimed_monotonic"] < t0 for r in records)
+        after = [r["claimed_monotonic"] for r in records if r["claimed_monotonic"] >= t0]
+        case["control_s"] = round(max(after) - t0, 4) if after else None
         case["control"] = "last bucket of the dead node claimed"
         keep(rep, case["variant"], t0)
         case.update(drill_figures(rep, t0, victim_flows))
@@ -291,7 +308,8 @@ COLUMNS = (("survived_pct", "surv%", "{:.1f}"), ("resets", "rst", "{:d}"),
            ("gap_all_p99_s", "all p99", "{:.3f}"), ("resume_first_s", "resume1", "{:.3f}"),
            ("resume_p99_s", "res p99", "{:.3f}"), ("control_s", "control", "{:.3f}"),
            ("survivor_fences", "fences", "{:d}"),
-           ("flows_disturbed_before_kill", "disturb", "{:d}"))
+           ("flows_disturbed_before_kill", "disturb", "{:d}"),
+           ("udp_requests_lost_pct", "udplost%", "{:.1f}"))
 
 
 def row(case: dict[str, Any]) -> str:
