@@ -43,7 +43,7 @@ import msgpack
 
 from hashing.ownermap import NO_OWNER, Member, OwnerMap, View, assign
 from lbsync.config import ClusterConfig, NodeConfig
-from lbsync.kernel.conntrack import Conntrack
+from lbsync.kernel.conntrack import Conntrack, dump_keys_blocking
 from lbsync.kernel.ctnetlink import KIND_DESTROY, CtEvent
 from lbsync.kernel.flowrecord import (
     IPPROTO_TCP,
@@ -656,16 +656,15 @@ class Node:
             if not self.owned or self.kernel.resyncing:
                 return
             before = {b: dict(self.store.flows(b)) for b in self.owned}
-            interrupted = self.kernel.requests.statistics().dump_interrupted
-            # Only the owned buckets, filtered by the kernel: every node holds every flow of
-            # the farm (standby copies), and decoding all of them every interval stalls the
-            # loop at 100k+ entries.
-            table: list[CtEvent] = []
-            for b in sorted(before):
-                table += await self.kernel.requests.dump_all(mark=b)
-            if self.kernel.requests.statistics().dump_interrupted != interrupted:
+            # One dump, in a worker thread: the loop never waits for it. (One mark-filtered
+            # dump per owned bucket blocked the loop ~45 ms each on a host whose conntrack
+            # table held other farms' entries, i.e. 1-1.5 s per sweep: every sweep fenced the
+            # node for a stall and ownership flapped; and decoding the whole table on the loop
+            # stalled it at 100k+ entries.)
+            present, interrupted = await self.loop.run_in_executor(
+                None, dump_keys_blocking, frozenset(before))
+            if interrupted:
                 return
-            present = {ev.key for ev in table}
             now = self.loop.time()
             n = 0
             for b, flows in before.items():

@@ -102,6 +102,39 @@ def open_netfilter_socket(*, rcvbuf: int, sndbuf: int = 0, groups: Sequence[int]
     return sock
 
 
+def dump_keys_blocking(marks: Container[int], *, rcvbuf: int = 8 << 20,
+                       timeout: float = 30.0) -> tuple[set[bytes], bool]:
+    """Keys of this namespace's entries whose mark is in ``marks``, from ONE dump on a socket
+    of its own; and whether the kernel flagged the dump interrupted. Blocking: for a worker
+    thread (the kernel's walk happens inside ``recv``, which releases the GIL, and decoding
+    runs in GIL slices, so the loop keeps running). One unfiltered dump, not one per mark:
+    every dump walks the whole host-wide conntrack hash, whatever its filter."""
+    sock = open_netfilter_socket(rcvbuf=rcvbuf)
+    try:
+        sock.settimeout(timeout)
+        sock.send(encode_dump_request(1))
+        keys: set[bytes] = set()
+        interrupted = False
+        out = Decoded([], [], [])
+        while not out.done:
+            data = sock.recv(RECV_SIZE)
+            if len(data) > 6 and data[6] & 0x10:  # NLM_F_DUMP_INTR
+                interrupted = True
+            out.events.clear()
+            try:
+                decode(data, out, dump=True)
+            except CodecError:
+                interrupted = True  # an undecodable part proves nothing
+                continue
+            for ack in out.acks:
+                if ack.error:
+                    raise KernelError(ack.error, f"dump refused: {errno.errorcode.get(ack.error)}")
+            keys.update(ev.key for ev in out.events if ev.bucket in marks)
+        return keys, interrupted
+    finally:
+        sock.close()
+
+
 # -- statistics --------------------------------------------------------------------------------
 
 
