@@ -203,8 +203,54 @@ def render_report(r: Mapping[str, Any]) -> str:
 
 
 def run_rebalance(farm: Farm, local: int, *, max_concurrent: int = 8, dry_run: bool = False,
-                  timeout: float = 20.0, progress: Progress = lambda _m: None
-                  ) -> dict[str, Any]:
+                  timeout: float = 20.0, progress: Progress = lambda _m: None,
+                  attempts: int = 3) -> dict[str, Any]:
+    """:func:`rebalance_once`, planned again (up to ``attempts`` times) when the farm changed
+    under the plan (a fence, a takeover): the moves already made are kept and added up."""
+    total: dict[str, Any] | None = None
+    for attempt in range(1, attempts + 1):
+        try:
+            rep = rebalance_once(farm, local, max_concurrent=max_concurrent, dry_run=dry_run,
+                                 timeout=timeout, progress=progress)
+        except (ControlError, DrillError) as exc:
+            if attempt == attempts:
+                raise
+            progress(f"the farm changed under the plan ({exc}); planning again")
+            time.sleep(0.5)
+            continue
+        if total is None:
+            total = rep
+        else:
+            total["moved"] += rep["moved"]
+            total["incomplete"] += rep["incomplete"]
+            total["skipped"] += rep["skipped"]
+            total["per_bucket"].update(rep["per_bucket"])
+            total["plan"] += rep["plan"]
+            total["batches"] += rep["batches"]
+            total["total_s"] = round(total["total_s"] + rep["total_s"], 3)
+            total["gap_ms"] = _gap_stats([v["gap_ms"] / 1e3 for v in
+                                          total["per_bucket"].values()])
+            total["new_epoch"] = rep["new_epoch"]
+        if dry_run or not rep["skipped"]:
+            break
+        progress(f"{rep['skipped']} moves were stale; planning again")
+    assert total is not None
+    total["attempts"] = attempt
+    return total
+
+
+def _gap_stats(gaps: list[float]) -> dict[str, float | None]:
+    gaps = sorted(gaps)
+
+    def pct(q: float) -> float | None:
+        return round(gaps[min(len(gaps) - 1, int(q * len(gaps)))] * 1e3, 2) if gaps else None
+
+    return {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99), "max": pct(1.0)}
+
+
+def rebalance_once(farm: Farm, local: int, *, max_concurrent: int = 8, dry_run: bool = False,
+                   timeout: float = 20.0, progress: Progress = lambda _m: None
+                   ) -> dict[str, Any]:
     """Plan (on ``local``'s daemon), agree on the new target map, then move the buckets by
     planned handoff in batches of at most ``max_concurrent``: seal on the old owner, take on
     the new one. Per-bucket forwarding gap = take's claim commit - seal's release commit
@@ -217,7 +263,8 @@ def run_rebalance(farm: Farm, local: int, *, max_concurrent: int = 8, dry_run: b
                               "map_epoch": p["map_epoch"], "new_epoch": p["new_epoch"],
                               "plan": p["batches"], "dry_run": dry_run}
     if dry_run or not p["moves"]:
-        report.update(gap_ms=None, moved=0, total_s=0.0, incomplete=0, per_bucket={})
+        report.update(gap_ms=None, moved=0, total_s=0.0, incomplete=0, skipped=0,
+                      per_bucket={})
         return report
     res = farm.request(local, "map-propose", {"target": p["target"]})
     epoch = res["map_epoch"]
@@ -237,12 +284,17 @@ def run_rebalance(farm: Farm, local: int, *, max_concurrent: int = 8, dry_run: b
     per_bucket: dict[str, Any] = {}
     incomplete = 0
     moved = 0
+    skipped = 0
     for i, batch in enumerate(p["batches"], 1):
         pairs: dict[tuple[int, int], list[int]] = {}
         for b, src, dst in batch:
             pairs.setdefault((src, dst), []).append(b)
         for (src, dst), buckets in sorted(pairs.items()):
             seal = farm.request(src, "handoff-seal", {"buckets": buckets})
+            skipped += len(seal["skipped"])
+            buckets = seal["buckets"]
+            if not buckets:
+                continue
             take = farm.request(dst, "handoff-take", {"buckets": buckets, "from_node": src,
                                                       "seq": seal["seq"]})
             gap = take["claimed_monotonic"] - seal["released_monotonic"]
@@ -252,16 +304,10 @@ def run_rebalance(farm: Farm, local: int, *, max_concurrent: int = 8, dry_run: b
                                       "complete": take["complete"]}
             incomplete += 0 if take["complete"] else len(buckets)
             moved += len(buckets)
-        progress(f"batch {i}/{len(p['batches'])}: {len(batch)} buckets moved, longest gap "
-                 f"{max(per_bucket[str(m[0])]['gap_ms'] for m in batch):.1f} ms")
+        done = [per_bucket[str(m[0])]["gap_ms"] for m in batch if str(m[0]) in per_bucket]
+        progress(f"batch {i}/{len(p['batches'])}: {len(done)} buckets moved, longest gap "
+                 f"{max(done, default=0.0):.1f} ms")
     total = time.monotonic() - t0
-    gaps.sort()
-
-    def pct(q: float) -> float | None:
-        return round(gaps[min(len(gaps) - 1, int(q * len(gaps)))] * 1e3, 2) if gaps else None
-
-    report.update(moved=moved, incomplete=incomplete, total_s=round(total, 3),
-                  gap_ms={"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99),
-                          "max": pct(1.0)},
-                  per_bucket=per_bucket)
+    report.update(moved=moved, incomplete=incomplete, skipped=skipped,
+                  total_s=round(total, 3), gap_ms=_gap_stats(gaps), per_bucket=per_bucket)
     return report

@@ -114,11 +114,15 @@ def map_snapshot(node: Any) -> dict[str, Any]:
                      "chain": list(tm.chain(b)) if tm is not None else [],
                      "store_entries": node.store.count(b),
                      "kernel_copies": len(node.in_kernel[b])})
+    hbs = {n: p.last_hb for n, p in getattr(node.ms, "_peers", {}).items()}
     peers = {p.node_id: {"state": p.state, "ready": p.ready, "fenced": p.fenced,
-                         "incarnation": p.incarnation}
+                         "incarnation": p.incarnation,
+                         "drained": bool(getattr(hbs.get(p.node_id), "drained", False)),
+                         "weight": getattr(hbs.get(p.node_id), "weight", None)}
              for p in node.ms.statistics().peers}
     peers[node.node_id] = {"state": "self", "ready": node.ms.ready, "fenced": node.ms.fenced,
-                           "incarnation": node.ms.incarnation}
+                           "incarnation": node.ms.incarnation, "drained": node.ms.drained,
+                           "weight": node.ms.weight}
     return {
         "node_id": node.node_id,
         "buckets": node.B,
@@ -278,10 +282,13 @@ class Ops:
         buckets = sorted({_int(b, "bucket") for b in args.get("buckets", [])})
         if not buckets:
             raise OpsError("no buckets to seal")
-        notmine = [b for b in buckets if b not in node.owned]
-        if notmine:
-            raise OpsError(f"buckets {notmine} are not owned by node {node.node_id}")
+        skipped = [b for b in buckets if b not in node.owned]  # the plan was stale for them
+        buckets = [b for b in buckets if b in node.owned]
         ms = node.ms
+        if not buckets:
+            return {"node_id": node.node_id, "buckets": [], "skipped": skipped,
+                    "seq": node.ep.sender.statistics().next_seq - 1,
+                    "incarnation": node.incarnation, "released_monotonic": time.monotonic()}
         # membership first, so no lease refresh re-adds them to @owned meanwhile
         ms._owned.difference_update(buckets)
         node.nft.update_marks("owned", (), buckets)
@@ -299,7 +306,7 @@ class Ops:
         seq = node.ep.sender.statistics().next_seq - 1
         ms._send_now = True
         node._membership_changed()
-        return {"node_id": node.node_id, "buckets": buckets, "seq": seq,
+        return {"node_id": node.node_id, "buckets": buckets, "skipped": skipped, "seq": seq,
                 "incarnation": node.incarnation, "released_monotonic": released}
 
     async def handoff_take(self, args: Mapping[str, Any]) -> Any:
@@ -310,6 +317,10 @@ class Ops:
         buckets = sorted({_int(b, "bucket") for b in args.get("buckets", [])})
         src = _int(args.get("from_node"), "from_node")
         seal = _int(args.get("seq"), "seq")
+        if node.ms.fenced or node.ms.lease_expiry() <= node.loop.time():
+            # sealed buckets stay unowned; as the map's target this node claims them by the
+            # orphan rule once it is backed again
+            raise OpsError(f"node {node.node_id} is fenced: cannot take buckets now")
         rcv = node.ep.receiver
         deadline = node.loop.time() + TAKE_WAIT
         complete = True

@@ -220,7 +220,8 @@ def render_map(res: dict[str, Any]) -> str:
     for n, c in res["counts"].items():
         mem = res["members"].get(n, {})
         state = mem.get("state", "?") + (" fenced" if mem.get("fenced") else "") + \
-            ("" if mem.get("ready") else " not-ready")
+            ("" if mem.get("ready") else " not-ready") + \
+            (" drained" if mem.get("drained") else "") + f" weight {mem.get('weight')}"
         lines.append(f"{n:>4}  {c['target']:>6}  {c['actual']:>6}  {state}")
     lines.append(f"misplaced {res['misplaced']}  unowned {res['unowned']}  "
                  f"multiple owners {res['multiple']}")

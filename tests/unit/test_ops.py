@@ -48,6 +48,7 @@ class FakeMs:
         self.owned = frozenset(owned)
         self._peers = {p.node_id: p for p in peers}
         self.ready, self.fenced, self.incarnation = True, False, 1
+        self.drained, self.weight = False, 1
 
     def statistics(self) -> Any:
         class S:
