@@ -1,0 +1,465 @@
+"""Replication benchmark (issue 6): offered-rate ladder, p99 replication lag, CPU per flow,
+bytes per standby entry; lbsync beside conntrackd FTFW in the same run.
+
+    python -m tests.benchmarks.replication [--quick] [--rates 5000,10000,...] [--step S]
+
+Method (docs/benchmarks.md, section replication, says what each figure means):
+
+- **Generator**: a separate process in the OWNER node's namespace creates conntrack entries
+  through ctnetlink, open loop: every 5 ms it sends (batched, one ACK per batch) as many
+  creates as the schedule ``rate * elapsed`` asks for, from messages encoded before the clock
+  starts, so the generator is not the limit (it reports the rate it achieved). Entries are
+  UDP, SEEN_REPLY|ASSURED (a peer creates such a copy at once), marked with the owner's
+  buckets, 198.19.0.0/16 -> 198.18.1.10. A ctnetlink create produces the same NEW event a
+  packet does (DESIGN.md section 3), which is what both daemons replicate.
+- **Lag**: every ``--sample``-th entry comes from 198.18.0.250 (unique ports). Each peer
+  namespace runs ``conntrack -E -e NEW -s 198.18.0.250 -o timestamp`` (kernel-filtered, a C
+  tool): the timestamp of the copy's NEW event in the peer's kernel. Lag = that minus the wall
+  time just after the generator's ``send`` of the batch that created the entry on the owner;
+  per entry the maximum over peers. lbsync writes its store before it injects the kernel copy
+  (RecordsApplied precedes the injection), so "in every peer's kernel" implies "in its store";
+  the step also waits until every peer's ``store_entries`` holds the step's entries.
+- **Sustained**: achieved >= 95 % of offered, every sample arrived at every peer, p99 <= 100 ms.
+- **CPU per replicated flow**: utime+stime (``/proc/PID/stat``) of each daemon across the step
+  (injection plus the wait until every peer has everything), divided by the step's entries.
+- **Bytes per standby entry**: receiver RSS after 100k replicated entries minus its RSS before
+  (same run, same process), / 100k (2-node lbsync lab: 100k owned + 100k copies per node).
+- **conntrackd**: FTFW between the 2 nodes of a 2-node lab, config from
+  :func:`lbsync.conntrackd.render_conntrackd_conf` with ``DisableExternalCache On`` (the backup
+  then injects what it receives into its kernel at once: the same "copy in the peer's kernel"
+  that lbsync pre-injects, measured the same way), both processes demoted to SCHED_OTHER
+  (lbsync's policy) with ``chrt``; lbsync runs a 2-node lab at the same rates for the ratios.
+  Its memory per entry is not measured here (no external cache in this mode).
+
+After each step the generator deletes its entries (replicated deletes) and the next step waits
+until every peer is back to its baseline. The last stdout line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+SAMPLE_SRC = "198.18.0.250"
+DST = "198.18.1.10"
+DPORT = 5001
+ACK_EVERY = 32     # every 32nd create asks for an ACK: sends end on those boundaries
+MAX_SEND = 1024    # creates per sendmsg at most
+PORTS = 60000
+CONNTRACKD_PORT = 3780
+
+
+# ------------------------------------------------------------------------------ generator
+
+
+def _entry(i: int, sample_every: int, marks: Sequence[int]) -> tuple[bytes, bytes, bool]:
+    """(packed record, key, sampled) of entry number ``i`` (deterministic)."""
+    from lbsync.kernel.flowrecord import (
+        AF_INET,
+        IPPROTO_UDP,
+        IPS_ASSURED,
+        IPS_CONFIRMED,
+        IPS_SEEN_REPLY,
+        FlowRecord,
+        FlowTuple,
+    )
+
+    sampled = i % sample_every == 0
+    if sampled:
+        src = socket.inet_aton(SAMPLE_SRC)
+        sport = 1024 + (i // sample_every) % PORTS
+    else:
+        a = i // PORTS
+        src = bytes((198, 19, (a >> 8) & 255, a & 255))
+        sport = 1024 + i % PORTS
+    dst = socket.inet_aton(DST)
+    orig = FlowTuple(src, dst, sport, DPORT)
+    rec = FlowRecord(family=AF_INET, l4proto=IPPROTO_UDP, orig=orig, reply=orig.inverse(17),
+                     status=IPS_CONFIRMED | IPS_SEEN_REPLY | IPS_ASSURED, timeout=120,
+                     mark=marks[i % len(marks)])
+    return rec.pack(), rec.key, sampled
+
+
+def generate(args: argparse.Namespace) -> int:
+    """The generator process (run in the owner's namespace): create or delete, open loop."""
+    from lbsync.kernel.conntrack import open_netfilter_socket
+    from lbsync.kernel.ctnetlink import decode, encode_create, encode_delete
+
+    marks = [int(m) for m in args.marks.split(",")]
+    n = int(args.rate * args.duration)
+    msgs: list[bytes] = []
+    sampled: list[int] = []
+    for k in range(n):
+        i = args.base + k
+        rec, key, is_sample = _entry(i, args.sample_every, marks)
+        seq = k + 1
+        ack = (k + 1) % ACK_EVERY == 0 or k == n - 1
+        msgs.append(encode_delete(key, seq, ack=ack) if args.delete
+                    else encode_create(rec, seq, ack=ack))
+        if is_sample:
+            sampled.append(k)
+    sock = open_netfilter_socket(rcvbuf=32 << 20, sndbuf=32 << 20)
+    sock.settimeout(10)
+    errors = 0
+    times: dict[int, float] = {}
+    sample_set = set(sampled)
+    sent = 0
+    t0 = time.monotonic()
+    while sent < n:
+        due = min(n, int((time.monotonic() - t0) * args.rate) + 1)
+        while sent < due:
+            # up to the ACK boundary at or after `due` (at most ACK_EVERY - 1 early)
+            stop = min(n, sent + MAX_SEND, -(-due // ACK_EVERY) * ACK_EVERY)
+            last_seq = stop  # seq = index + 1; the last message of the send asks for an ACK
+            sock.send(b"".join(msgs[sent:stop]))
+            now = time.time()
+            for k in range(sent, stop):
+                if k in sample_set:
+                    times[k] = now
+            while True:
+                out = decode(sock.recv(1 << 20))
+                done = False
+                for a in out.acks:
+                    if a.error:
+                        errors += 1
+                    if a.seq == last_seq:
+                        done = True
+                if done:
+                    break
+            sent = stop
+        time.sleep(max(0.0005, t0 + (sent / args.rate) - time.monotonic()))
+    elapsed = time.monotonic() - t0
+    ports = {1024 + ((args.base + k) // args.sample_every) % PORTS: times[k] for k in sampled}
+    Path(args.out).write_text(json.dumps({"n": n, "elapsed": elapsed, "errors": errors,
+                                          "samples": ports}))
+    return 0
+
+
+# ------------------------------------------------------------------------------ measuring
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def conntrack_count(ns: str) -> int:
+    from lbsync.lab.farm import ns_argv
+
+    cp = subprocess.run(ns_argv(ns, ["conntrack", "-C"]), capture_output=True, text=True)
+    return int(cp.stdout.strip() or 0)
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+class System:
+    """One replicating system in one lab: who owns what, its processes, how to count."""
+
+    def __init__(self, name: str, lab: Any, owner: int, peers: list[int], marks: list[int],
+                 pids: dict[int, int]) -> None:
+        self.name, self.lab, self.owner, self.peers, self.marks = name, lab, owner, peers, marks
+        self.pids = pids
+
+    def peer_count(self, node: int) -> int:
+        if self.name.startswith("lbsync"):
+            from lbsync.lab import daemons
+
+            return int(daemons.status(self.lab, node, timeout=30)["store_entries"])
+        return conntrack_count(self.lab.node_ns(node))
+
+
+def run_generator(lab: Any, node: int, *, rate: float, duration: float, base: int,
+                  marks: list[int], sample_every: int, delete: bool = False) -> dict[str, Any]:
+    from lbsync.lab.farm import ns_argv
+
+    out = lab.directory / f"gen-{base}-{int(delete)}.json"
+    argv = [sys.executable, "-m", "tests.benchmarks.replication", "_generate",
+            "--rate", repr(rate), "--duration", repr(duration), "--base", str(base),
+            "--marks", ",".join(map(str, marks)), "--sample-every", str(sample_every),
+            "--out", str(out)] + (["--delete"] if delete else [])
+    subprocess.run(ns_argv(lab.node_ns(node), argv), check=True, timeout=duration + 120)
+    result: dict[str, Any] = json.loads(out.read_text())
+    return result
+
+
+def step(sys_: System, rate: float, duration: float, base: int, sample_every: int,
+         quiet: float = 10.0) -> dict[str, Any]:
+    """One rung: listeners up, CPU before, generate, wait for every peer, CPU after, delete."""
+    from lbsync.lab.farm import ns_argv
+
+    lab = sys_.lab
+    baseline = {p: sys_.peer_count(p) for p in sys_.peers}
+    listeners = {}
+    files = {}
+    for p in sys_.peers:
+        path = lab.directory / f"events-{sys_.name}-{base}-{p}.txt"
+        files[p] = path
+        listeners[p] = subprocess.Popen(
+            # line-buffered, or the events still in its stdio buffer die with it
+            ns_argv(lab.node_ns(p), ["stdbuf", "-oL", "conntrack", "-E", "-e", "NEW",
+                                     "-s", SAMPLE_SRC, "-o", "timestamp"]),
+            stdout=open(path, "w"), stderr=subprocess.DEVNULL)  # noqa: SIM115
+    time.sleep(0.5)
+    cpu0 = {n: cpu_seconds(pid) for n, pid in sys_.pids.items()}
+    gen = run_generator(lab, sys_.owner, rate=rate, duration=duration, base=base,
+                        marks=sys_.marks, sample_every=sample_every)
+    n = int(gen["n"])
+    deadline = time.monotonic() + quiet
+    complete = False
+    while time.monotonic() < deadline:
+        if all(sys_.peer_count(p) - baseline[p] >= n for p in sys_.peers):
+            complete = True
+            break
+        time.sleep(0.05)
+    cpu1 = {node: cpu_seconds(pid) for node, pid in sys_.pids.items()}
+    time.sleep(0.3)
+    for proc in listeners.values():
+        proc.terminate()
+        proc.wait()
+    seen: dict[int, dict[int, float]] = {}
+    for p, path in files.items():
+        got: dict[int, float] = {}
+        for line in path.read_text().splitlines():
+            if not line.startswith("[") or "sport=" not in line:
+                continue
+            ts = float(line[1:line.index("]")])
+            sport = int(line.split("sport=")[1].split()[0])
+            got.setdefault(sport, ts)
+        seen[p] = got
+    lags = []
+    missing = 0
+    for sport, t_sent in gen["samples"].items():
+        per_peer = [seen[p].get(int(sport)) for p in sys_.peers]
+        if any(t is None for t in per_peer):
+            missing += 1
+            continue
+        lags.append(max(t for t in per_peer if t is not None) - t_sent)
+    # clean up: delete on the owner (replicated deletes), wait for every peer's baseline
+    run_generator(lab, sys_.owner, rate=max(rate, 20000.0), duration=n / max(rate, 20000.0),
+                  base=base, marks=sys_.marks, sample_every=sample_every, delete=True)
+    end = time.monotonic() + 60
+    while time.monotonic() < end and any(sys_.peer_count(p) > baseline[p] + 10
+                                         for p in sys_.peers):
+        time.sleep(0.2)
+    achieved = n / gen["elapsed"] if gen["elapsed"] else 0.0
+    p99 = pct(lags, 0.99)
+    res = {
+        "offered": rate, "entries": n, "achieved": round(achieved), "create_errors": gen["errors"],
+        "samples": len(gen["samples"]), "samples_missing": missing, "complete": complete,
+        "lag_p50_ms": round(pct(lags, 0.5) * 1e3, 2), "lag_p99_ms": round(p99 * 1e3, 2),
+        "lag_max_ms": round(max(lags) * 1e3, 2) if lags else None,
+        "cpu_us_per_flow": {str(node): round((cpu1[node] - cpu0[node]) / n * 1e6, 2)
+                            for node in sys_.pids},
+    }
+    res["sustained"] = bool(achieved >= 0.95 * rate and missing == 0 and complete
+                            and p99 <= 0.100)
+    return res
+
+
+# ------------------------------------------------------------------------------ set-ups
+
+
+def lbsync_system(prefix: str, nodes: int) -> tuple[Any, System]:
+    from lbsync.lab import daemons
+    from lbsync.lab.farm import Lab
+
+    lab = Lab.create(prefix, nodes, buckets=64)
+    daemons.start_daemons(lab)
+    daemons.wait_ready(lab, timeout=40)
+    st = daemons.status(lab, 1, timeout=30)
+    pids = {i: daemons.daemon_pids(lab, i)[0] for i in lab.node_ids}
+    return lab, System(f"lbsync{nodes}", lab, 1, [i for i in lab.node_ids if i != 1],
+                       list(st["forwarding"]), pids)
+
+
+NOTRACK = f"""table inet lbtcd {{
+ chain pre {{ type filter hook prerouting priority -300; udp dport {CONNTRACKD_PORT} notrack; }}
+ chain out {{ type filter hook output priority -300; udp dport {CONNTRACKD_PORT} notrack; }}
+}}
+"""
+
+
+def conntrackd_system(prefix: str) -> tuple[Any, System]:
+    from lbsync.conntrackd import (
+        conntrackd_argv,
+        equalise_scheduling_argv,
+        render_conntrackd_conf,
+    )
+    from lbsync.lab.farm import Lab, ns_argv
+
+    lab = Lab.create(prefix, 2, buckets=64)
+    pids = {}
+    for i in lab.node_ids:
+        text = render_conntrackd_conf(lab.cluster_config, i, run_dir=str(lab.directory))
+        text = text.replace("DisableExternalCache Off", "DisableExternalCache On")
+        conf = lab.directory / f"conntrackd-{i}.conf"
+        conf.write_text(text)
+        lab.exec(lab.node_ns(i), ["nft", "-f", "-"], check=True, input=NOTRACK)
+        proc = subprocess.Popen(ns_argv(lab.node_ns(i), conntrackd_argv(str(conf))),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        pids[i] = proc.pid
+    time.sleep(1.5)
+    for i, pid in pids.items():
+        if not Path(f"/proc/{pid}").exists():
+            raise RuntimeError(f"conntrackd on node {i} exited "
+                               f"(see {lab.directory}/conntrackd-{i}.log)")
+        subprocess.run(equalise_scheduling_argv(pid), check=True, capture_output=True)
+    return lab, System("conntrackd2", lab, 1, [2], [0, 1, 2, 3], pids)
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def ladder(sys_: System, rates: list[float], duration: float, sample_every: int,
+           base: int) -> list[dict[str, Any]]:
+    out = []
+    for k, rate in enumerate(rates):
+        r = step(sys_, rate, duration, base + k * 1_000_000, sample_every)
+        print(f"  {sys_.name:12s} offered {rate:>7.0f}/s achieved {r['achieved']:>7}/s "
+              f"p50 {r['lag_p50_ms']:>8} ms p99 {r['lag_p99_ms']:>8} ms "
+              f"missing {r['samples_missing']}/{r['samples']} cpu us/flow "
+              f"{r['cpu_us_per_flow']} {'SUSTAINED' if r['sustained'] else 'not sustained'}",
+              flush=True)
+        out.append(r)
+    return out
+
+
+def highest(results: list[dict[str, Any]]) -> float | None:
+    ok = [r["offered"] for r in results if r["sustained"]]
+    return max(ok) if ok else None
+
+
+def memory_step(lab: Any, sys_: System, n: int, sample_every: int) -> dict[str, Any]:
+    """RSS delta of a receiver daemon holding ``n`` more standby entries."""
+    from lbsync.lab import daemons
+
+    peer = sys_.peers[0]
+    pid = sys_.pids[peer]
+    before = rss_bytes(pid)
+    base_count = sys_.peer_count(peer)
+    rate = 20000.0
+    run_generator(lab, sys_.owner, rate=rate, duration=n / rate, base=9_000_000,
+                  marks=sys_.marks, sample_every=sample_every)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and sys_.peer_count(peer) - base_count < n:
+        time.sleep(0.2)
+    held = sys_.peer_count(peer) - base_count
+    time.sleep(1.0)
+    after = rss_bytes(pid)
+    kernel_copies = daemons.status(lab, peer, timeout=30)["kernel_copies"]
+    run_generator(lab, sys_.owner, rate=50000.0, duration=n / 50000.0, base=9_000_000,
+                  marks=sys_.marks, sample_every=sample_every, delete=True)
+    return {"entries": held, "kernel_copies": kernel_copies, "rss_before": before,
+            "rss_after": after, "bytes_per_entry": round((after - before) / max(1, held), 1)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tests.benchmarks.replication")
+    p.add_argument("--quick", action="store_true", help="two rungs, short steps (< 60 s)")
+    p.add_argument("--rates", default=None, help="offered new flows/s, comma-separated")
+    p.add_argument("--step", type=float, default=None, help="seconds of generation per rung")
+    p.add_argument("--sample", type=int, default=50, help="every N-th entry is timed")
+    p.add_argument("--no-conntrackd", action="store_true")
+    args = p.parse_args(argv)
+    rates = [float(r) for r in args.rates.split(",")] if args.rates else \
+        ([5000.0, 20000.0] if args.quick else [5000.0, 10000.0, 20000.0, 40000.0])
+    duration = args.step or (1.0 if args.quick else 1.5)
+    from lbsync.lab import daemons
+    from tests.netns import unique_prefix
+
+    t_start = time.monotonic()
+    out: dict[str, Any] = {"benchmark": "replication", "quick": args.quick, "rates": rates,
+                           "step_s": duration, "sample_every": args.sample,
+                           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    labs = []
+    try:
+        print("lbsync, 3 nodes (owner node 1, peers 2 and 3):", flush=True)
+        lab, s3 = lbsync_system(unique_prefix("r"), 3)
+        labs.append(lab)
+        out["lbsync3"] = ladder(s3, rates, duration, args.sample, 0)
+        out["lbsync3_highest_sustained"] = highest(out["lbsync3"])
+        lab.destroy()
+        daemons.remove_runtime_files(lab.prefix)
+        if not args.quick:
+            print("lbsync, 2 nodes:", flush=True)
+            lab, s2 = lbsync_system(unique_prefix("r"), 2)
+            labs.append(lab)
+            out["lbsync2"] = ladder(s2, rates, duration, args.sample, 0)
+            out["lbsync2_highest_sustained"] = highest(out["lbsync2"])
+            out["memory"] = memory_step(lab, s2, 100_000, args.sample)
+            print(f"  memory: {out['memory']}", flush=True)
+            lab.destroy()
+            daemons.remove_runtime_files(lab.prefix)
+        if not args.no_conntrackd:
+            print("conntrackd FTFW, 2 nodes (DisableExternalCache On, SCHED_OTHER):",
+                  flush=True)
+            try:
+                lab, sc = conntrackd_system(unique_prefix("r"))
+                labs.append(lab)
+                out["conntrackd2"] = ladder(sc, rates, duration, args.sample, 0)
+                out["conntrackd2_highest_sustained"] = highest(out["conntrackd2"])
+            except (RuntimeError, subprocess.CalledProcessError, OSError) as exc:
+                out["conntrackd2_error"] = str(exc)
+                print(f"  conntrackd failed: {exc}", flush=True)
+        mine = out.get("lbsync2") or out["lbsync3"]
+        theirs = out.get("conntrackd2") or []
+        ratios = []
+        for a, b in zip(mine, theirs, strict=False):
+            cpu_a = sum(v for k, v in a["cpu_us_per_flow"].items())
+            cpu_b = sum(v for k, v in b["cpu_us_per_flow"].items())
+            ratios.append({"offered": a["offered"],
+                           "cpu_ratio": round(cpu_a / cpu_b, 2) if cpu_b else None,
+                           "p99_ratio": round(a["lag_p99_ms"] / b["lag_p99_ms"], 2)
+                           if b["lag_p99_ms"] else None})
+        out["ratios_lbsync_over_conntrackd"] = ratios
+        out["ratio_basis"] = "lbsync2" if "lbsync2" in out else "lbsync3"
+        for r in ratios:
+            print(f"  ratio at {r['offered']:.0f}/s: CPU (owner+receiver) {r['cpu_ratio']}, "
+                  f"p99 lag {r['p99_ratio']}", flush=True)
+    finally:
+        for lab in labs:
+            with contextlib.suppress(Exception):
+                lab.destroy()
+            daemons.remove_runtime_files(lab.prefix)
+    out["seconds"] = round(time.monotonic() - t_start, 1)
+    print(json.dumps(out, default=str))
+    return 0
+
+
+def _generate_main(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--rate", type=float, required=True)
+    p.add_argument("--duration", type=float, required=True)
+    p.add_argument("--base", type=int, required=True)
+    p.add_argument("--marks", required=True)
+    p.add_argument("--sample-every", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--delete", action="store_true")
+    return generate(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_generate":
+        raise SystemExit(_generate_main(sys.argv[2:]))
+    raise SystemExit(main())
