@@ -52,6 +52,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -84,6 +85,7 @@ REPORTS: str | None = None   # --reports DIR: keep every final traffic report th
 
 
 def keep(rep: dict[str, Any], variant: str, t0: float) -> None:
+    """With ``--reports``: the final traffic report (and, for lbsync, the daemons' logs)."""
     if REPORTS:
         os.makedirs(REPORTS, exist_ok=True)
         name = variant.replace(" ", "-")
@@ -246,6 +248,11 @@ def run_lbsync(tcp: int, udp: int, settle: float, profile: str) -> dict[str, Any
                 print(f"--- n{i}.log\n" + "\n".join(tail), file=sys.stderr)
         raise
     finally:
+        if REPORTS:
+            for i in lab.node_ids:
+                with contextlib.suppress(OSError):
+                    shutil.copy(daemons.log_path(lab, i),
+                                os.path.join(REPORTS, f"lbsync-{profile}-n{i}.log"))
         lab.destroy()
         daemons.remove_runtime_files(lab.prefix)
 
