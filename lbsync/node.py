@@ -41,7 +41,7 @@ from typing import Any
 
 import msgpack
 
-from hashing.ownermap import NO_OWNER, Member, OwnerMap, View, assign
+from hashing.ownermap import ALGORITHM_VERSION, NO_OWNER, Member, OwnerMap, View, assign
 from lbsync.config import ClusterConfig, NodeConfig
 from lbsync.kernel.conntrack import Conntrack, dump_keys_blocking
 from lbsync.kernel.ctnetlink import KIND_DESTROY, CtEvent
@@ -199,7 +199,8 @@ class Node:
         self.ms = Membership(node_id=node_id, nodes=self.cfg.node_ids, buckets=self.B,
                              timing=Timing.from_config(self.cfg.membership),
                              rng=random.Random(), now=now, incarnation=self.incarnation,
-                             resume_owned=resume, weight=self.me.weight, ready=False)
+                             resume_owned=resume, weight=self.me.weight, ready=False,
+                             new_incarnation=lambda _cur: self.state.next_incarnation())
         # Entries per slice of kernel work (events, injections): a slice must stay well under
         # the stall threshold on a loaded node (~40-70k entries/s: 10k per second of stall
         # budget is about a quarter of it), else bulk work fences the node.
@@ -540,7 +541,9 @@ class Node:
             self._spawn(self._takeover(ev, now), f"takeover-{ev.dead_node}")
         elif isinstance(ev, MapBootstrapNeeded):
             view = View.of(Member(m.node_id, m.weight, m.drained) for m in ev.members)
-            om = assign(view, self.B, None)
+            # a rebuild (ownerless buckets) moves as little as possible from the agreed map
+            prev = owner_map_from_target(self.ms.map) if self.ms.map is not None else None
+            om = assign(view, self.B, prev)
             tm = target_map(om, proposer=self.node_id)
             self.ms.propose_map(tm, now)
         elif isinstance(ev, OwnershipReleased):
@@ -738,6 +741,15 @@ class Node:
 
         return {"store": store, "store-corrupt": corrupt, "store-records": records,
                 **Ops(self).handlers()}
+
+
+def owner_map_from_target(tm: TargetMap) -> OwnerMap:
+    """A ``hashing`` map with the agreed owners, as ``assign``'s ``previous`` (it reads only
+    owners, epoch and digest from it)."""
+    ids = sorted({o for o in tm.owners if o != NO_OWNER})
+    return OwnerMap(version=ALGORITHM_VERSION, buckets=tm.nbuckets, epoch=tm.epoch,
+                    prev_hash=bytes(32), view=View.of(Member(i) for i in ids),
+                    owners=tuple(tm.owners))
 
 
 def target_map(om: OwnerMap, *, proposer: int, depth: int | None = None) -> TargetMap:
