@@ -58,8 +58,13 @@ def _ms(x: float | None) -> float | None:
 
 
 def run_fail_drill(farm: Farm, victim: int, *, duration: float = 3.0, timeout: float = 20.0,
-                   progress: Progress = lambda _m: None) -> dict[str, Any]:
-    """Run the drill (see the module docstring); the report as a plain dict."""
+                   progress: Progress = lambda _m: None, kind: str = "fail"
+                   ) -> dict[str, Any]:
+    """Run the drill (see the module docstring); the report as a plain dict. ``kind``
+    ``partition``: instead of failing, the victim loses its replication link for ``duration``
+    (it keeps running, fences when its lease runs out, and rejoins when the link heals)."""
+    if kind not in ("fail", "partition"):
+        raise DrillError(f"unknown drill {kind!r}")
     if victim not in farm.sockets:
         raise DrillError(f"node {victim} is not in the cluster file")
     before = {n: farm.status(n) for n in farm.sockets}
@@ -85,9 +90,14 @@ def run_fail_drill(farm: Farm, victim: int, *, duration: float = 3.0, timeout: f
             for n in [victim, *survivors]}
     progress("reset counters installed on every node (tcp flags rst: forwarded, local)")
     t_fail = time.monotonic()
-    farm.request(victim, "drill-fail", {"duration": duration})
-    progress(f"node {victim} fails now: @owned emptied, daemon hung for {duration:.1f} s "
-             f"(no handoff)")
+    if kind == "fail":
+        farm.request(victim, "drill-fail", {"duration": duration})
+        progress(f"node {victim} fails now: @owned emptied, daemon hung for {duration:.1f} s "
+                 f"(no handoff)")
+    else:
+        farm.request(victim, "drill-partition", {"duration": duration})
+        progress(f"node {victim} loses its replication link for {duration:.1f} s (it keeps "
+                 f"running: it must fence itself before the others claim)")
     claims: dict[int, list[dict[str, Any]]] = {}
     records: dict[int, list[dict[str, Any]]] = {}
     announced: set[int] = set()
@@ -162,7 +172,7 @@ def run_fail_drill(farm: Farm, victim: int, *, duration: float = 3.0, timeout: f
         }
     outages = [v["outage_ms"] for v in per_node.values() if v["outage_ms"] is not None]
     report = {
-        "drill": "fail", "victim": victim, "victim_incarnation": victim_inc,
+        "drill": kind, "victim": victim, "victim_incarnation": victim_inc,
         "duration_s": duration,
         "buckets_moved": len(got & set(victim_buckets)),
         "victim_buckets": victim_buckets,
@@ -186,7 +196,7 @@ def run_fail_drill(farm: Farm, victim: int, *, duration: float = 3.0, timeout: f
 
 
 def render_report(r: Mapping[str, Any]) -> str:
-    lines = [f"drill fail node {r['victim']}: {r['buckets_moved']} buckets moved "
+    lines = [f"drill {r['drill']} node {r['victim']}: {r['buckets_moved']} buckets moved "
              f"({', '.join(f'node {k}: {v}' for k, v in r['claimed_by'].items())})",
              f"  detection {r['detection_ms']} ms, commit {r['commit_ms']} ms, claim "
              f"{r['claim_ms']} ms, outage (last heard -> claimed) {r['outage_ms']} ms",

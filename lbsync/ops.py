@@ -16,6 +16,8 @@ Handlers (``{name: async handler(args)}``, merged into the daemon's control sock
   ``duration`` seconds: no heartbeats, no lease refresh, exactly like a hung or dead node (its
   peers detect it, declare it lost and take its buckets over). After the hang the node finds it
   was declared lost, releases and rejoins as a new incarnation through the readiness gate.
+- ``drill-partition``: cut this node's replication link (its UDP port, both directions) for
+  ``duration`` seconds: it fences by lease expiry, peers take over, it rejoins after.
 - ``drill-counters``: ``install``/``read``/``remove`` the reset counters
   (``table inet lbsync_drill``: ``tcp flags rst`` counted on the forward and output hooks).
 - ``rebalance-plan``: the target map ``hashing.assign`` computes from the ready view and the
@@ -51,6 +53,7 @@ from lbsync.nft import NftError, run_nft
 log = logging.getLogger(__name__)
 
 DRILL_TABLE = "lbsync_drill"
+PARTITION_TABLE = "lbsync_drill_partition"
 SEAL_DRAIN = 0.005  # lets conntrack events already read for sealed buckets be replicated
 TAKE_WAIT = 2.0  # at most this long for the old owner's stream to reach the seal
 MAX_DRILL_HANG = 60.0
@@ -370,7 +373,7 @@ class Ops:
                 "drill-fail": self.drill_fail, "drill-counters": self.drill_counters,
                 "rebalance-plan": self.rebalance_plan, "map-propose": self.map_propose,
                 "handoff-seal": self.handoff_seal, "handoff-take": self.handoff_take,
-                "set-local": self.set_local}
+                "set-local": self.set_local, "drill-partition": self.drill_partition}
 
     async def map(self, args: Mapping[str, Any]) -> Any:
         explain = args.get("explain")
@@ -444,6 +447,35 @@ class Ops:
         node.loop.call_later(0.05, hang)
         return {"node_id": node.node_id, "owned": owned, "incarnation": node.ms.incarnation,
                 "duration": duration, "hang_after_s": 0.05}
+
+    async def drill_partition(self, args: Mapping[str, Any]) -> Any:
+        """Cut this node's replication link (both directions, its UDP port, in a table of its
+        own) for ``duration`` seconds; the daemon keeps running and reacts as it would to a
+        real partition (no echoes: its lease runs out and it fences; peers take over)."""
+        node = self.node
+        duration = float(args.get("duration", 0))
+        if not 0 < duration <= MAX_DRILL_HANG:
+            raise OpsError(f"duration must be in (0, {MAX_DRILL_HANG:.0f}] seconds")
+        iface = node.cfg.interfaces.replication
+        port = node.cfg.replication.port
+        rules = (f"table inet {PARTITION_TABLE} {{\n"
+                 f"  chain pre {{ type filter hook prerouting priority -400; policy accept;\n"
+                 f"    iifname \"{iface}\" udp dport {port} drop\n  }}\n"
+                 f"  chain out {{ type filter hook output priority -400; policy accept;\n"
+                 f"    oifname \"{iface}\" udp dport {port} drop\n  }}\n}}\n")
+        await asyncio.to_thread(_nft_quiet, ["delete", "table", "inet", PARTITION_TABLE])
+        await asyncio.to_thread(run_nft, ["-f", "-"], input=rules)
+        owned = sorted(node.owned)
+        self.drills += 1
+        log.warning("ops.drill_partition seconds=%.1f iface=%s", duration, iface)
+
+        def heal() -> None:
+            _nft_quiet(["delete", "table", "inet", PARTITION_TABLE])
+            log.warning("ops.drill_partition healed")
+
+        node.loop.call_later(duration, heal)
+        return {"node_id": node.node_id, "owned": owned, "incarnation": node.ms.incarnation,
+                "duration": duration}
 
     async def drill_counters(self, args: Mapping[str, Any]) -> Any:
         action = args.get("action")

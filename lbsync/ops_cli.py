@@ -6,6 +6,7 @@ daemon side in :mod:`lbsync.ops`, the drill in :mod:`lbsync.drill`)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from typing import Any
 
@@ -151,7 +152,24 @@ def register_farm_commands(sub: Any) -> None:
     f.add_argument("--timeout", type=float, default=20.0, metavar="S",
                    help="give up when the farm has not reacted within S seconds")
     f.add_argument("--json", action="store_true", help="print the report as JSON")
-    f.set_defaults(func=_drill_fail)
+    f.set_defaults(func=_drill_fail, kind="fail")
+    pt = dsub.add_parser("partition", help="NODE loses its replication link for --duration; "
+                                           "measure the takeover; the link heals after")
+    pt.add_argument("node", type=int, metavar="NODE", help="the node to cut off")
+    _common(pt)
+    pt.add_argument("--duration", type=float, default=6.0, metavar="S",
+                    help="how long the link stays cut (default %(default)s s; must exceed "
+                         "the failure detection time)")
+    pt.add_argument("--timeout", type=float, default=20.0, metavar="S",
+                    help="give up when the farm has not reacted within S seconds")
+    pt.add_argument("--json", action="store_true", help="print the report as JSON")
+    pt.set_defaults(func=_drill_fail, kind="partition")
+    dd = dsub.add_parser("drain", help="NODE drains by planned handoff, measured; undrained "
+                                       "after")
+    dd.add_argument("node", type=int, metavar="NODE", help="the node to drain")
+    _common(dd)
+    _rebalance_args(dd)
+    dd.set_defaults(func=_drill_drain)
     rb = sub.add_parser("rebalance", help="show or execute the plan to the target map",
                         description="Computes the target map from the ready view (weights, "
                                     "drain flags) and the actual owners, agrees on it, and "
@@ -273,12 +291,12 @@ def _drill_fail(args: argparse.Namespace) -> int:
 
     cfg = load_cluster(args.config)
     if args.node not in cfg.node_ids:
-        raise _usage(f"drill fail: node {args.node} is not in the cluster "
+        raise _usage(f"drill {args.kind}: node {args.node} is not in the cluster "
                      f"({', '.join(map(str, cfg.node_ids))})")
     if not 0 < args.duration <= 60:
-        raise _usage("drill fail: --duration must be in (0, 60] seconds")
+        raise _usage(f"drill {args.kind}: --duration must be in (0, 60] seconds")
     if args.timeout <= 0:
-        raise _usage("drill fail: --timeout must be > 0")
+        raise _usage(f"drill {args.kind}: --timeout must be > 0")
     farm = Farm({n: cfg.runtime_path(n, "sock") for n in cfg.node_ids})
 
     def progress(msg: str) -> None:
@@ -287,7 +305,7 @@ def _drill_fail(args: argparse.Namespace) -> int:
 
     try:
         report = run_fail_drill(farm, args.node, duration=args.duration, timeout=args.timeout,
-                                progress=progress)
+                                progress=progress, kind=args.kind)
     except (DrillError, ControlError) as exc:
         sys.stderr.write(f"lbsync: drill failed: {exc}\n")
         return 1
@@ -388,3 +406,72 @@ def _weight(args: argparse.Namespace) -> int:
     if not 1 <= args.weight <= 1_000_000:
         raise _usage("weight: W must be 1..1000000")
     return _set_local_then_rebalance(args, {"weight": args.weight})
+
+
+def _drill_drain(args: argparse.Namespace) -> int:
+    """Drain NODE by planned handoff with reset counters on every node, then undrain it."""
+    import json
+    import time
+
+    from lbsync.drill import DrillError, run_rebalance
+
+    farm, local = _farm(args)
+    out = sys.stderr if args.json else sys.stdout
+
+    def progress(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=out, flush=True)
+
+    nodes = list(farm.sockets)
+    report: dict[str, Any] = {"drill": "drain", "node": args.node}
+    try:
+        for n in nodes:
+            farm.request(n, "drill-counters", {"action": "install"})
+        rst0 = {n: farm.request(n, "drill-counters", {"action": "read"}) for n in nodes}
+        farm.request(args.node, "set-local", {"drained": True})
+        progress(f"node {args.node} drained; moving its buckets away by handoff")
+        _wait_view(farm, local, args.node, drained=True)
+        report["drain"] = run_rebalance(farm, local, max_concurrent=args.max_concurrent,
+                                        progress=progress)
+        rst1 = {n: farm.request(n, "drill-counters", {"action": "read"}) for n in nodes}
+        farm.request(args.node, "set-local", {"drained": False})
+        progress(f"restoring: node {args.node} undrained; its share moves back by handoff")
+        _wait_view(farm, local, args.node, drained=False)
+        report["undrain"] = run_rebalance(farm, local, max_concurrent=args.max_concurrent,
+                                          progress=progress)
+        rst2 = {n: farm.request(n, "drill-counters", {"action": "read"}) for n in nodes}
+    except (DrillError, ControlError) as exc:
+        sys.stderr.write(f"lbsync: drill failed: {exc}\n")
+        return 1
+    finally:
+        for n in nodes:
+            with contextlib.suppress(ControlError):
+                farm.request(n, "drill-counters", {"action": "remove"})
+
+    def resets(a: dict[int, Any], b: dict[int, Any]) -> int:
+        return sum(b[n][k] - a[n].get(k, 0) for n in b for k in b[n])
+
+    report["resets_drain"] = resets(rst0, rst1)
+    report["resets_undrain"] = resets(rst1, rst2)
+    if args.json:
+        print(json.dumps(report, sort_keys=True))
+    else:
+        for phase in ("drain", "undrain"):
+            r = report[phase]
+            print(f"{phase}: {r['moved']} buckets moved in {r['batches']} batches, "
+                  f"{r['total_s']} s; gap per bucket (ms) {r['gap_ms']}; resets "
+                  f"{report['resets_' + phase]}")
+    return 0
+
+
+def _wait_view(farm: Any, local: int, node: int, *, drained: bool) -> None:
+    import time
+
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        try:
+            view = farm.request(local, "rebalance-plan", {"max_concurrent": 1})["view"]
+        except ControlError:
+            view = []
+        if any(v[0] == node and v[2] == drained for v in view):
+            return
+        time.sleep(0.05)

@@ -355,3 +355,24 @@ def test_drain_undrain_and_weight_move_buckets_without_loss(farm: tuple[Lab, Tra
     assert_no_connection_lost(traffic, before)
     rep = cli_json(lab, "weight", "1", "1")
     one_owner_each(lab)
+
+
+def test_drill_partition_and_drill_drain(farm: tuple[Lab, TrafficRun]) -> None:
+    lab, traffic = farm
+    one_owner_each(lab)
+    before = traffic.snapshot()
+    victim_buckets = sorted(daemons.status(lab, 2)["forwarding"])
+    assert victim_buckets
+    cp = subprocess.run([sys.executable, "-m", "lbsync", "drill", "partition", "2",
+                         "--duration", "6", "--json", "--config", str(lab.config_path)],
+                        capture_output=True, text=True, timeout=120)
+    assert cp.returncode == 0, cp.stderr
+    rep = json.loads(cp.stdout)
+    assert rep["drill"] == "partition" and rep["restored"]
+    assert rep["buckets_moved"] == len(victim_buckets) and rep["victim_buckets"] == victim_buckets
+    one_owner_each(lab)
+    rep = cli_json(lab, "drill", "drain", "3")
+    assert rep["drain"]["moved"] > 0 and rep["undrain"]["moved"] > 0
+    assert rep["resets_drain"] == rep["resets_undrain"] == 0
+    after = assert_no_connection_lost(traffic, before)
+    assert rep["resets_drain"] == after["resets"] - before["resets"]

@@ -125,6 +125,11 @@ def test_drill_fail_refuses_bad_durations() -> None:
     ["drill", "fail"],
     ["drill", "fail", "two"],
     ["drill", "melt", "2"],
+    ["drill", "partition"],
+    ["drill", "drain", "x"],
+    ["rebalance", "--max-concurrent", "many"],
+    ["weight", "1"],
+    ["drain"],
 ])
 def test_bad_arguments_are_one_line_exit_2(argv: list[str],
                                            capsys: pytest.CaptureFixture[str]) -> None:
@@ -146,3 +151,19 @@ def test_drill_unknown_node_is_exit_2(tmp_path: Any, capsys: pytest.CaptureFixtu
     assert main(["drill", "fail", "2", "--duration", "0", "--config", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "not in the cluster" in err[0] and "--duration" in err[1]
+
+
+def test_rebalance_and_weight_bounds_are_exit_2(tmp_path: Any,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from lbsync.lab.farm import cluster_dict, to_toml
+
+    path = tmp_path / "cluster.toml"
+    path.write_text(to_toml(cluster_dict("lbtu", 3, ipv6=False, buckets=64,
+                                         directory=tmp_path)))
+    cfg = ["--config", str(path), "--node-id", "1"]
+    assert main(["rebalance", "--max-concurrent", "0", *cfg]) == 2
+    assert main(["weight", "1", "0", *cfg]) == 2
+    assert main(["drain", "7", *cfg]) == 2
+    assert main(["drill", "partition", "2", "--duration", "100", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 4 and all("error" in line for line in err)
