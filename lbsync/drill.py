@@ -305,8 +305,9 @@ def rebalance_once(farm: Farm, local: int, *, max_concurrent: int = 8, dry_run: 
             buckets = seal["buckets"]
             if not buckets:
                 continue
-            take = farm.request(dst, "handoff-take", {"buckets": buckets, "from_node": src,
-                                                      "seq": seal["seq"]})
+            take = farm.request(dst, "handoff-take", {
+                "buckets": buckets, "from_node": src, "seq": seal["seq"],
+                "released_monotonic": seal["released_monotonic"]})
             gap = take["claimed_monotonic"] - seal["released_monotonic"]
             for b in buckets:
                 gaps.append(gap)

@@ -86,8 +86,9 @@ SERIES: dict[str, str] = {
     "lbsync_takeover_claim_seconds": "histogram: nft claim transaction of a takeover",
     "lbsync_takeover_detection_seconds": "histogram: last heard -> declared lost",
     "lbsync_takeover_total_seconds": "histogram: last heard -> claimed",
-    "lbsync_handoff_gap_seconds": "histogram: planned handoff forwarding gap (empty until "
-                                  "handoff is built)",
+    "lbsync_handoff_gap_seconds": "histogram: planned handoff forwarding gap per bucket "
+                                  "taken by this node (release on the old owner -> claim "
+                                  "here; same-host clocks)",
 }
 
 
@@ -154,6 +155,13 @@ class SnapshotCollector:
             if heard is not None and declared is not None:
                 self._hist["detection"].observe(max(0.0, declared - heard))
                 self._hist["total"].observe(max(0.0, r["claimed_at"] - heard))
+        for h in st.get("ops", {}).get("handoffs", []):
+            hkey: tuple[Any, ...] = ("h", h.get("from_node"), h.get("claimed_monotonic"))
+            if hkey in self._seen or h.get("gap_s") is None:
+                continue
+            self._seen.add(hkey)
+            for _ in h.get("buckets", []):
+                self._hist["handoff"].observe(max(0.0, float(h["gap_s"])))
         if len(self._seen) > 4096:  # bounded: old keys cannot reappear in a 32-entry log
             self._seen = set(list(self._seen)[-1024:])
 
@@ -368,6 +376,9 @@ def node_snapshot(node: Any) -> dict[str, Any]:
                          "open_gaps": open_gaps}
     st["replication_peers"] = peers
     st["pending_resyncs"] = rcv.pending_resyncs()
+    ops = getattr(node, "ops", None)
+    if ops is not None:
+        st["ops"] = ops.statistics()
     return st
 
 

@@ -44,6 +44,7 @@ import json
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ DRILL_TABLE = "lbsync_drill"
 PARTITION_TABLE = "lbsync_drill_partition"
 SEAL_DRAIN = 0.005  # lets conntrack events already read for sealed buckets be replicated
 TAKE_WAIT = 2.0  # at most this long for the old owner's stream to reach the seal
+HANDOFF_HISTORY = 64
 MAX_DRILL_HANG = 60.0
 # The drill's reset counters: RSTs this node forwards (flows it owns) and RSTs its own stack
 # sends. Separate table, so the lbsync ruleset is never touched; priority after filter.
@@ -180,8 +182,15 @@ class Ops:
         self.resyncs_requested = 0
         self.drills = 0
         self.last_fail_monotonic: float | None = None
-        self.handoffs: list[dict[str, Any]] = []
+        self.handoffs: deque[dict[str, Any]] = deque(maxlen=HANDOFF_HISTORY)
+        self.takes = 0
         self._restore_operator_state()
+        node.ops = self  # the metrics exporter reads statistics() through the node
+
+    def statistics(self) -> dict[str, Any]:
+        """Snapshot: counters and the last planned handoffs taken by this node."""
+        return {"resyncs_requested": self.resyncs_requested, "drills": self.drills,
+                "takes": self.takes, "handoffs": [dict(h) for h in self.handoffs]}
 
     # ---------------------------------------------------------------- operator state
 
@@ -362,6 +371,14 @@ class Ops:
                 node.ep.claim(b, epoch, now)
             node.ms._send_now = True
             node._membership_changed()
+        released = args.get("released_monotonic")
+        gap = claimed - float(released) if isinstance(released, (int, float)) else None
+        self.takes += 1
+        if todo:
+            self.handoffs.append({"from_node": src, "buckets": todo, "gap_s": gap,
+                                  "wait_s": t_delivered - t_start,
+                                  "commit_s": t_committed - t_delivered,
+                                  "claimed_monotonic": claimed, "complete": complete})
         return {"node_id": node.node_id, "buckets": buckets, "taken": todo,
                 "already_owned": [b for b in buckets if b not in todo],
                 "complete": complete, "injected": injected,

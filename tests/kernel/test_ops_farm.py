@@ -344,6 +344,10 @@ def test_drain_undrain_and_weight_move_buckets_without_loss(farm: tuple[Lab, Tra
     rep = cli_json(lab, "undrain", "3", "--max-concurrent", "4")
     assert rep["moved"] == want > 0 and all(len(b) <= 4 for b in rep["plan"])
     assert all(m["to"] == 3 for m in rep["per_bucket"].values())
+    fam = {f.name: f for f in text_string_to_metric_families(scrape(lab, 3))}
+    count = [x.value for x in fam["lbsync_handoff_gap_seconds"].samples
+             if x.name.endswith("_count")]
+    assert count and count[0] >= want  # node 3 observed a gap for every bucket it took
     owners = one_owner_each(lab)
     assert sum(1 for o in owners.values() if o == 3) == want
     want = predicted_moves(lab, {1: 2}, set())

@@ -137,3 +137,18 @@ def test_docs_list_every_series() -> None:
     doc = (Path(__file__).parents[2] / "docs" / "operations.md").read_text()
     missing = [n for n in SERIES if f"`{n}`" not in doc]
     assert not missing, missing
+
+
+def test_handoff_gaps_are_observed_per_bucket_once() -> None:
+    snap = snapshot()
+    snap["ops"] = {"handoffs": [{"from_node": 2, "buckets": [4, 5], "gap_s": 0.008,
+                                 "claimed_monotonic": 50.0},
+                                {"from_node": 3, "buckets": [6], "gap_s": None,
+                                 "claimed_monotonic": 51.0}]}
+    c = SnapshotCollector(lambda: snap)
+    render(c)
+    fam = families(render(c))
+    got = {s.name: s.value for s in fam["lbsync_handoff_gap_seconds"].samples
+           if not s.labels.get("le")}
+    assert got["lbsync_handoff_gap_seconds_count"] == 2
+    assert got["lbsync_handoff_gap_seconds_sum"] == pytest.approx(0.016)
