@@ -46,6 +46,7 @@ class ConfigError(ValueError):
 
 
 def _help(text: str, **kw: Any) -> Any:
+    """``dataclasses.field`` with a help text (ruff's RUF009 is off for this reason)."""
     return field(metadata={"help": text}, **kw)
 
 
@@ -105,7 +106,8 @@ class NatRule:
     match_daddr: str = _help("only flows to this prefix (optional)", default="")
     match_proto: str = _help("tcp | udp | '' (any)", default="")
     match_dport: int = _help("only flows to this port (0: any)", default=0)
-    ports: str = _help("SNAT port range lo-hi (ingress: split across buckets)", default="1024-65535")
+    ports: str = _help("SNAT port range lo-hi (ingress: split across buckets)",
+                       default="1024-65535")
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +160,17 @@ class StoreConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    """How the daemon runs on the node."""
+
+    sched_policy: Literal["rr", "fifo", "other"] = _help(
+        "scheduling policy: rr/fifo (real time, as conntrackd does by default) keep heartbeats "
+        "and leases on time when the node is loaded; other: the normal time-sharing policy",
+        default="rr")
+    sched_priority: int = _help("real-time priority 1..99 for rr/fifo", default=50)
+
+
+@dataclass(frozen=True, slots=True)
 class MetricsConfig:
     """Prometheus exporter (off by default)."""
 
@@ -171,7 +184,8 @@ class ClusterSection:
     name: str = _help("cluster name, [a-z][a-z0-9_-]{0,23}", default="")
     buckets: int = _help("bucket count B, 1..4096, never changes at run time", default=256)
     hash_seed: int = _help("nft jhash seed shared by every node (32-bit)", default=0x6C627379)
-    key_file: str = _help("file holding the replication key ring", default="/etc/lbsync/cluster.key")
+    key_file: str = _help("file holding the replication key ring",
+                          default="/etc/lbsync/cluster.key")
     min_ports_per_bucket: int = _help("ingress SNAT: least ports a bucket may get", default=64)
 
 
@@ -189,6 +203,7 @@ class ClusterConfig:
     kernel: KernelConfig = _help("kernel adapter", default_factory=KernelConfig)
     store: StoreConfig = _help("standby store", default_factory=StoreConfig)
     metrics: MetricsConfig = _help("metrics", default_factory=MetricsConfig)
+    daemon: DaemonConfig = _help("daemon process", default_factory=DaemonConfig)
 
     def node(self, node_id: int) -> NodeConfig:
         for n in self.nodes:
@@ -379,7 +394,8 @@ def _check_cluster(cfg: ClusterConfig, source: str) -> None:
         try:
             grp = ipaddress.ip_address(r.group4)
         except ValueError:
-            raise ConfigError(source, "replication.group4", f"not an address: {r.group4!r}") from None
+            raise ConfigError(source, "replication.group4",
+                              f"not an address: {r.group4!r}") from None
         if grp not in ipaddress.ip_network("239.0.0.0/8"):
             raise ConfigError(source, "replication.group4", "must be in 239.0.0.0/8")
     if not 1 <= r.port <= 65535:
@@ -395,6 +411,8 @@ def _check_cluster(cfg: ClusterConfig, source: str) -> None:
     m = cfg.membership
     if m.heartbeat_ms <= 0 or m.miss_count < 2:
         raise ConfigError(source, "membership", "heartbeat_ms must be > 0 and miss_count >= 2")
+    if not 1 <= cfg.daemon.sched_priority <= 99:
+        raise ConfigError(source, "daemon.sched_priority", "must be 1..99")
     if cfg.store.max_entries <= 0:
         raise ConfigError(source, "store.max_entries", "must be > 0")
     if cfg.kernel.batch_entries <= 0 or cfg.kernel.slice_entries <= 0:

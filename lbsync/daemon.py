@@ -50,6 +50,25 @@ def preflight(cfg: ClusterConfig, *, table_exists: Callable[[], bool]) -> None:
         raise StartupError("nft table 'inet lbsync' is missing: run `lbsync datapath apply` first")
 
 
+def apply_scheduling(cfg: ClusterConfig) -> str:
+    """Set the process's scheduling policy from ``[daemon]``; returns what was set.
+
+    Real time (rr, as conntrackd does) keeps heartbeats and lease refreshes on time on a
+    loaded node: measured in the lab, a starved time-shared daemon let leases lapse (fences)
+    and was declared dead while alive. The daemon is event driven, never spins.
+    """
+    d = cfg.daemon
+    if d.sched_policy == "other":
+        return "other"
+    policy = os.SCHED_RR if d.sched_policy == "rr" else os.SCHED_FIFO
+    try:
+        os.sched_setscheduler(0, policy, os.sched_param(d.sched_priority))
+    except OSError as exc:
+        raise StartupError(f"cannot set scheduling policy {d.sched_policy} "
+                           f"priority {d.sched_priority}: {exc.strerror}") from None
+    return f"{d.sched_policy}:{d.sched_priority}"
+
+
 @contextlib.contextmanager
 def node_lock(path: Path) -> Iterator[None]:
     """An exclusive flock on ``/run/lbsync/<cluster>-<node>.lock`` for the daemon's life."""

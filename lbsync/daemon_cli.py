@@ -33,7 +33,15 @@ def register(sub: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from lbsync.daemon import Lifecycle, StartupError, new_loop_factory, node_lock, preflight, serve
+    from lbsync.daemon import (
+        Lifecycle,
+        StartupError,
+        apply_scheduling,
+        new_loop_factory,
+        node_lock,
+        preflight,
+        serve,
+    )
     from lbsync.node import Node, table_exists
 
     path = Path(args.config)
@@ -42,6 +50,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         preflight(cfg, table_exists=table_exists)
         with node_lock(cfg.runtime_path(node_id, "lock")):
+            log.info("daemon.scheduling policy=%s", apply_scheduling(cfg))
             async def main() -> int:
                 life = Lifecycle(path, cfg)
                 return await serve(life, node_id, Node)
