@@ -8,6 +8,7 @@ Addresses: 198.18.0.0/15 and 2001:db8::/32 only.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -68,10 +69,8 @@ class NetnsSet:
         for p in self.procs:
             if p.poll() is None:
                 p.kill()
-                try:
+                with contextlib.suppress(subprocess.TimeoutExpired):
                     p.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    pass
         for name in reversed(self.names):
             kill_netns_pids(name)
             run(["ip", "netns", "del", name], check=False)
@@ -82,10 +81,8 @@ def kill_netns_pids(name: str) -> None:
     cp = run(["ip", "netns", "pids", name], check=False)
     pids = [int(p) for p in cp.stdout.split() if p.isdigit()]
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     if pids:
         time.sleep(0.05)
 
