@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 import tomllib
@@ -76,7 +77,7 @@ def test_ingress_snat_port_slices_are_disjoint_and_cover_min() -> None:
     cfg = load_cluster(EXAMPLE)
     rule = cfg.nat[0]
     slices = [bucket_port_range(rule, cfg.cluster.buckets, b) for b in range(cfg.cluster.buckets)]
-    for (lo, hi), (lo2, _hi2) in zip(slices, slices[1:], strict=False):
+    for (lo, hi), (lo2, _hi2) in itertools.pairwise(slices):
         assert hi < lo2
         assert hi - lo + 1 >= cfg.cluster.min_ports_per_bucket
     assert slices[0][0] == 1024 and slices[-1][1] <= 65535
