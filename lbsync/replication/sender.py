@@ -57,6 +57,9 @@ from lbsync.replication.wire import (
     unwrap,
 )
 
+# One token, minus float dust: 0.9999999999999999 tokens must count as one, or the pacing
+# timer would fire again and again at the same instant without progress.
+_ONE = 1.0 - 1e-9
 _UPDATE_KIND = {FLOW: K_FLOW_UPDATE, EXPECTATION: K_EXPECT_UPDATE}
 _DELETE_KIND = {FLOW: K_FLOW_DELETE, EXPECTATION: K_EXPECT_DELETE}
 
@@ -352,7 +355,7 @@ class Sender:
 
     def _pump_resync(self, now: float) -> None:
         self._refill(now)
-        while self._jobs and self._tokens >= 1.0:
+        while self._jobs and self._tokens >= _ONE:
             job = self._jobs[0]
             if job.keys is None:
                 self._queued.pop(job.bucket, None)
@@ -367,7 +370,7 @@ class Sender:
                 self._tokens -= 1.0
                 self.resync_buckets += 1
             keys = job.keys
-            while job.index < len(keys) and self._tokens >= 1.0:
+            while job.index < len(keys) and self._tokens >= _ONE:
                 kind, key = keys[job.index]
                 job.index += 1
                 record = self._store.get(kind, job.bucket, key)
@@ -377,7 +380,7 @@ class Sender:
                     [_UPDATE_KIND[kind], job.bucket, job.epoch, key, record]), job.bucket, now)
                 self._tokens -= 1.0
                 self.resync_records += 1
-            if job.index >= len(keys) and self._tokens >= 1.0:
+            if job.index >= len(keys) and self._tokens >= _ONE:
                 count, digest = self._store.digest(job.bucket)
                 self._append(encode_message(ResyncEnd(job.bucket, job.epoch, count, digest)),
                              job.bucket, now)
@@ -429,8 +432,11 @@ class Sender:
         if self._flush_at is not None and self._flush_at < t:
             t = self._flush_at
         if self._jobs:
-            need = max(0.0, 1.0 - self._tokens) / self._p.resync_rate
-            t = min(t, self._tokens_at + need)
+            if self._tokens >= _ONE:
+                t = min(t, self._tokens_at)
+            else:  # at least a microsecond: the refill must make progress
+                need = max((1.0 - self._tokens) / self._p.resync_rate, 1e-6)
+                t = min(t, self._tokens_at + need)
         return t
 
     def handle_timer(self, now: float) -> None:

@@ -394,3 +394,42 @@ def test_local_misuse_is_a_local_error() -> None:
         a.update_flow(0, b"", b"v", 0.0)
     with pytest.raises(LocalProtocolError):
         ep(0)
+
+
+def test_resync_is_paced_and_never_delays_live_updates() -> None:
+    params = ProtocolParams(buckets=8, resync_rate=10_000.0, resync_burst=100)
+    a, b = ep(1, params), ep(2, params)
+    a.claim(0, 1, 0.0, announce=False)
+    a.claim(1, 1, 0.0, announce=False)
+    for i in range(5000):
+        a.store.put(FLOW, 0, 1, b"big%d" % i, b"r" * 60)  # state the peers never saw
+    b.request_resync(1, [0], 0.0)
+    now, next_live, n_live = 0.0, 0.001, 0
+    sent_at: dict[bytes, float] = {}
+    latency: list[float] = []
+    while now < 0.2:  # 200 ms with a live update every millisecond
+        timers = [t for t in (a.get_timer(), b.get_timer()) if t is not None]
+        now = min([*timers, next_live])
+        for n in (a, b):
+            t = n.get_timer()
+            if t is not None and t <= now:
+                n.handle_timer(now)
+        if now >= next_live:
+            n_live += 1
+            key = b"live%d" % n_live
+            a.update_flow(1, key, b"x", now)
+            sent_at[key] = now
+            next_live += 0.001
+        for src, dst in ((a, b), (b, a)):
+            for d in src.datagrams_to_send():
+                dst.datagram_received(d, now)
+        for key, t0 in list(sent_at.items()):
+            if b.store.get(FLOW, 1, key) is not None:
+                latency.append(now - t0)
+                del sent_at[key]
+    # Every live update arrived within the flush delay, whatever the resync backlog.
+    assert len(latency) >= 195 and max(latency) <= params.flush_delay + 1e-9
+    # The resync went at its configured rate (10k records/s), not as fast as possible.
+    done = a.statistics().sender.resync_records
+    assert 1500 <= done <= 10_000 * 0.2 + params.resync_burst
+    assert done - 50 <= b.store.count(0) <= done  # the last few are in the open datagram
