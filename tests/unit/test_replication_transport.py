@@ -1,0 +1,74 @@
+"""The asyncio/uvloop adapter on real loopback UDP sockets (unicast mode), and its errors."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+
+import pytest
+import uvloop
+
+from lbsync.replication.auth import KeyRing
+from lbsync.replication.endpoint import ReplicationEndpoint
+from lbsync.replication.events import Event, RecordsApplied
+from lbsync.replication.params import ProtocolParams
+from lbsync.replication.transport import (
+    ReplicationTransport,
+    TransportError,
+    multicast_socket,
+    open_unicast,
+    unicast_socket,
+)
+
+KR = KeyRing({1: b"t" * 32}, 1)
+P = ProtocolParams(buckets=8)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _two_nodes() -> tuple[int, int]:
+    loop = asyncio.get_running_loop()
+    port = free_port()
+    applied: list[Event] = []
+    eps = [ReplicationEndpoint(node_id=i, incarnation=1, keyring=KR, params=P,
+                               now=loop.time(), rng=random.Random(i)) for i in (1, 2)]
+    # Two addresses on loopback, same port: unicast peers as in a farm.
+    trs: list[ReplicationTransport] = []
+    for i, ep in enumerate(eps, 1):
+        trs.append(await open_unicast(ep, address=f"127.0.0.{i}", port=port,
+                                      peers=[f"127.0.0.{3 - i}"], buffer=1 << 20,
+                                      on_event=applied.append))
+    eps[0].claim(3, 1, loop.time())
+    for i in range(500):
+        eps[0].update_flow(3, b"k%d" % i, b"r" * 80, loop.time())
+        if i % 50 == 0:
+            trs[0].pump()
+            await asyncio.sleep(0.001)
+    trs[0].pump()
+    for _ in range(200):
+        if eps[1].store.snapshot(3) == eps[0].store.snapshot(3):
+            break
+        await asyncio.sleep(0.01)
+    for tr in trs:
+        tr.close()
+    assert eps[1].store.snapshot(3) == eps[0].store.snapshot(3)
+    assert any(isinstance(e, RecordsApplied) for e in applied)
+    return trs[0].statistics().datagrams_out, trs[1].statistics().datagrams_in
+
+
+def test_unicast_over_loopback_under_uvloop() -> None:
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        out, received = runner.run(_two_nodes())
+    assert out > 0 and received > 0
+
+
+def test_setup_errors_are_explained() -> None:
+    with pytest.raises(TransportError, match="no such interface"):
+        multicast_socket("239.18.0.1", free_port(), "nonexistent0", buffer=1 << 20)
+    with pytest.raises(TransportError, match="not configured"):
+        unicast_socket("198.18.254.254", free_port(), buffer=1 << 20)
