@@ -587,6 +587,39 @@ class Membership:
         self._pending_retry_at = now + self.timing.heartbeat
         self._update(now)
 
+    def handoff_release(self, buckets: Iterable[int], now: float) -> frozenset[int]:
+        """Planned handoff, old owner: stop owning ``buckets`` now (the daemon removes them from
+        ``@owned`` right after, before the new owner claims); the next heartbeat, sent at
+        once, no longer reports them. Returns those that were owned."""
+        self._tick(now)
+        gone = frozenset(b for b in buckets if b in self._owned)
+        self._owned.difference_update(gone)
+        self._send_now = True
+        self._update(now)
+        return gone
+
+    def handoff_claimed(self, buckets: Iterable[int], now: float) -> frozenset[int]:
+        """Planned handoff, new owner: the daemon committed ``buckets`` to ``@owned`` after their
+        old owner released them. Accepted only while forwarding (backed); the daemon must
+        remove any other from ``@owned`` again."""
+        self._tick(now)
+        if self._state is SelfState.FENCED or self.role != "node":
+            return frozenset()
+        got = frozenset(b for b in buckets if 0 <= b < self.nbuckets)
+        self._owned.update(got)
+        for b in got:
+            self._pending.pop(b, None)
+        self._send_now = True
+        self._update(now)
+        return got
+
+    def reported_owned(self) -> dict[int, frozenset[int]]:
+        """Per peer not declared lost (witness excluded): the buckets its last heartbeat
+        reported owning, fenced or not (actual ownership as this node knows it)."""
+        return {p.node_id: p.owned for p in self._peers.values()
+                if p.last_hb is not None and not p.last_hb.witness
+                and p.state is not PeerState.LOST}
+
     def leave(self, grace: float, now: float) -> float:
         """Announce a planned stop with ``grace`` seconds during which peers hold our buckets.
         Returns the lease expiry reachable with it once peers echo (a cap for ``@owned``)."""
