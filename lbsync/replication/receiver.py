@@ -92,6 +92,7 @@ class ReceiverStatistics:
     digests_agreed: int
     digests_disagreed: int
     silent_peers: int
+    buckets_disagreeing: tuple[int, ...]  # last digest comparison failed (until repaired)
 
 
 class _Gap:
@@ -516,4 +517,5 @@ class Receiver:
             sum(len(p.missing) for p in peers), self.nack_messages, self.nacked_seqs,
             self.nacks_suppressed, self.gone_seqs, self.resync_requests,
             self.resyncs_completed, self.digests_agreed, self.digests_disagreed,
-            sum(1 for p in peers if p.silent))
+            sum(1 for p in peers if p.silent),
+            tuple(sorted(b for b, ok in self.digest_state.items() if not ok)))

@@ -8,8 +8,9 @@ action and the earliest endpoint deadline. One seed replays one run exactly.
 The router also keeps the books needed by the acceptance figures: original vs retransmitted
 DATA datagrams (a retransmission is a DATA datagram whose (sender, incarnation, seq) was sent
 before), NACK datagrams, which receivers missed each original datagram, and how many NACK
-datagrams named each missed one. In ``unicast`` mode a datagram is sent once per peer; the
-books count logical datagrams (one per send, whatever the fan-out) and ``wire_datagrams``.
+datagrams named each missed one. In ``unicast`` mode a datagram is sent once per peer, the
+copies leaving one after the other; the books count logical datagrams (one per send, whatever
+the fan-out) and ``wire_datagrams``. Loss is independent per copy in both modes.
 """
 
 from __future__ import annotations
@@ -227,7 +228,9 @@ class Simulation:
             books.control_datagrams += 1
             self._count_nacks(data)
         rng = self.rng
-        for dst in self.endpoints:
+        # Unicast: the copies leave one after the other (10 us apart); multicast: together.
+        serial = 1e-5 if self.mode == "unicast" else 0.0
+        for i, dst in enumerate(self.endpoints):
             if dst == src:
                 continue
             books.wire_datagrams += 1
@@ -242,7 +245,7 @@ class Simulation:
             if copies == 2:
                 books.duplicated += 1
             for _ in range(copies):
-                t = self.now + self.delay + extra + rng.random() * self.jitter
+                t = self.now + self.delay + extra + i * serial + rng.random() * self.jitter
                 self._n += 1
                 heapq.heappush(self._heap, (t, self._n, dst, data))
 

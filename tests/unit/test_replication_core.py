@@ -332,6 +332,15 @@ def test_digest_mismatch_repairs_only_that_bucket() -> None:
     assert compared == {0: True, 1: False}
     assert [e.bucket for e in ev if isinstance(e, BucketResynced)] == [1]
     assert b.store.snapshot(1) == a.store.snapshot(1)
+    assert b.statistics().receiver.buckets_disagreeing == ()  # repaired
+    b.store.clear_bucket(0)
+    a.send_digests([0], now)
+    for d in a.datagrams_to_send():
+        b.datagram_received(d, now)
+    a.flush(now)
+    for d in a.datagrams_to_send():
+        b.datagram_received(d, now)
+    assert b.statistics().receiver.buckets_disagreeing == (0,)
 
 
 def test_reorder_buffer_is_bounded_and_overflow_refetched() -> None:
