@@ -12,13 +12,14 @@ Method (docs/benchmarks.md, section replication, says what each figure means):
   UDP, SEEN_REPLY|ASSURED (a peer creates such a copy at once), marked with the owner's
   buckets, 198.19.0.0/16 -> 198.18.1.10. A ctnetlink create produces the same NEW event a
   packet does (DESIGN.md section 3), which is what both daemons replicate.
-- **Lag**: every ``--sample``-th entry comes from 198.18.0.250 (unique ports). Each peer
-  namespace runs ``conntrack -E -e NEW -s 198.18.0.250 -o timestamp`` (kernel-filtered, a C
-  tool): the timestamp of the copy's NEW event in the peer's kernel. Lag = that minus the wall
-  time just after the generator's ``send`` of the batch that created the entry on the owner;
-  per entry the maximum over peers. lbsync writes its store before it injects the kernel copy
-  (RecordsApplied precedes the injection), so "in every peer's kernel" implies "in its store";
-  the step also waits until every peer's ``store_entries`` holds the step's entries.
+- **Lag**: every ``--sample``-th entry comes from 198.18.0.250 (unique ports). In each peer
+  namespace a NEW-event socket with a BPF filter on that source address (so bursts of copies
+  cannot overflow it; ``conntrack -E`` lost events in them) timestamps the copy's creation in
+  the peer's kernel. Lag = that minus the wall time just before the generator's ``send`` of
+  the batch that created the entry on the owner (an upper bound); per entry the maximum over
+  peers. lbsync writes its store before it injects the kernel copy, so "in every peer's
+  kernel" implies "in its store"; the step also waits until every peer's ``store_entries``
+  and ``kernel_copies`` hold the step's entries.
 - **Sustained**: achieved >= 95 % of offered, every sample arrived at every peer, p99 <= 100 ms.
 - **CPU per replicated flow**: utime+stime (``/proc/PID/stat``) of each daemon across the step
   (injection plus the wait until every peer has everything), divided by the step's entries.
@@ -120,8 +121,10 @@ def generate(args: argparse.Namespace) -> int:
             # up to the ACK boundary at or after `due` (at most ACK_EVERY - 1 early)
             stop = min(n, sent + MAX_SEND, -(-due // ACK_EVERY) * ACK_EVERY)
             last_seq = stop  # seq = index + 1; the last message of the send asks for an ACK
-            sock.send(b"".join(msgs[sent:stop]))
+            # before the send: the kernel creates the batch's entries inside it, and the first
+            # may be replicated before it returns (a lag from here is an upper bound)
             now = time.time()
+            sock.send(b"".join(msgs[sent:stop]))
             for k in range(sent, stop):
                 if k in sample_set:
                     times[k] = now
@@ -185,7 +188,9 @@ class System:
         if self.name.startswith("lbsync"):
             from lbsync.lab import daemons
 
-            return int(daemons.status(self.lab, node, timeout=30)["store_entries"])
+            # in the store AND injected into the kernel (the store is written first)
+            st = daemons.status(self.lab, node, timeout=30)
+            return min(int(st["store_entries"]), int(st["kernel_copies"]))
         return conntrack_count(self.lab.node_ns(node))
 
 
@@ -203,24 +208,107 @@ def run_generator(lab: Any, node: int, *, rate: float, duration: float, base: in
     return result
 
 
+PROBE_PORT = 65535
+SRC_OFFSET = 32  # nlmsghdr 16 + nfgenmsg 4 + CTA_TUPLE_ORIG 4 + CTA_TUPLE_IP 4 + CTA_IP_V4_SRC 4
+
+
+class NewEventListener:
+    """One NEW-event socket per peer namespace, read by a thread, timestamping (wall clock)
+    the copies of sampled entries by source port. A classic BPF filter keeps only messages
+    whose original source address is SAMPLE_SRC, so bursts of thousands of copies cost the
+    reader nothing and cannot overflow its buffer (``conntrack -E`` lost events in the bursts
+    a batched injector makes, although every entry arrived)."""
+
+    def __init__(self, lab: Any, peers: Sequence[int]) -> None:
+        import threading
+
+        from lbsync.kernel.conntrack import open_netfilter_socket
+        from lbsync.kernel.ctnetlink import NFNLGRP_CONNTRACK_NEW
+        from lbsync.lab.traffic import in_netns
+
+        self.seen: dict[int, dict[int, float]] = {}
+        self.overruns = 0
+        self._stop = threading.Event()
+        self._threads = []
+        want = int.from_bytes(socket.inet_aton(SAMPLE_SRC), "big")
+        prog = [(0x20, 0, 0, SRC_OFFSET), (0x15, 0, 1, want), (0x06, 0, 0, 0xFFFFFFFF),
+                (0x06, 0, 0, 0)]
+        for p in peers:
+            with in_netns(lab.node_ns(p)):
+                sock = open_netfilter_socket(rcvbuf=64 << 20, groups=(NFNLGRP_CONNTRACK_NEW,))
+            _attach(sock, prog)
+            sock.settimeout(0.1)
+            self.seen[p] = {}
+            t = threading.Thread(target=self._run, args=(p, sock), daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _run(self, peer: int, sock: socket.socket) -> None:
+        from lbsync.kernel.ctnetlink import decode
+
+        got = self.seen[peer]
+        try:
+            while not self._stop.is_set():
+                try:
+                    data = sock.recv(1 << 16)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    self.overruns += 1
+                    continue
+                t = time.time()
+                for ev in decode(data).events:
+                    got.setdefault(int.from_bytes(ev.key[4:6], "big"), t)
+        finally:
+            sock.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(2)
+
+
+def _attach(sock: socket.socket, prog: list[tuple[int, int, int, int]]) -> None:
+    import ctypes
+    import struct
+
+    code = b"".join(struct.pack("=HBBI", *insn) for insn in prog)
+    buf = ctypes.create_string_buffer(code, len(code))
+    sock.setsockopt(socket.SOL_SOCKET, 26, struct.pack("HP", len(prog), ctypes.addressof(buf)))
+
+
+def _wait_listening(sys_: System, listener: NewEventListener, timeout: float = 20.0) -> None:
+    """Until every peer's listener prints a probe entry created in its namespace (starting
+    ``ip netns exec ... conntrack -E`` can take a second on a loaded host: events before it
+    subscribes would count as missing). The probe carries an owner's mark, so a peer's
+    daemon ignores it; it is deleted at once."""
+    from lbsync.lab.farm import ns_argv
+
+    probe = ["-p", "udp", "-s", SAMPLE_SRC, "-d", DST, "--sport", str(PROBE_PORT),
+             "--dport", "1"]
+    for p in sys_.peers:
+        ns = sys_.lab.node_ns(p)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            subprocess.run(ns_argv(ns, ["conntrack", "-I", *probe, "-t", "5", "-u",
+                                        "SEEN_REPLY", "-m", str(sys_.marks[0])]),
+                           capture_output=True)
+            time.sleep(0.1)
+            subprocess.run(ns_argv(ns, ["conntrack", "-D", *probe]), capture_output=True)
+            if PROBE_PORT in listener.seen[p]:
+                break
+        else:
+            raise RuntimeError(f"event listener on node {p} never started")
+
+
 def step(sys_: System, rate: float, duration: float, base: int, sample_every: int,
          quiet: float = 10.0) -> dict[str, Any]:
     """One rung: listeners up, CPU before, generate, wait for every peer, CPU after, delete."""
-    from lbsync.lab.farm import ns_argv
 
     lab = sys_.lab
     baseline = {p: sys_.peer_count(p) for p in sys_.peers}
-    listeners = {}
-    files = {}
-    for p in sys_.peers:
-        path = lab.directory / f"events-{sys_.name}-{base}-{p}.txt"
-        files[p] = path
-        listeners[p] = subprocess.Popen(
-            # line-buffered, or the events still in its stdio buffer die with it
-            ns_argv(lab.node_ns(p), ["stdbuf", "-oL", "conntrack", "-E", "-e", "NEW",
-                                     "-s", SAMPLE_SRC, "-o", "timestamp"]),
-            stdout=open(path, "w"), stderr=subprocess.DEVNULL)  # noqa: SIM115
-    time.sleep(0.5)
+    listener = NewEventListener(lab, sys_.peers)
+    _wait_listening(sys_, listener)
     cpu0 = {n: cpu_seconds(pid) for n, pid in sys_.pids.items()}
     gen = run_generator(lab, sys_.owner, rate=rate, duration=duration, base=base,
                         marks=sys_.marks, sample_every=sample_every)
@@ -233,20 +321,10 @@ def step(sys_: System, rate: float, duration: float, base: int, sample_every: in
             break
         time.sleep(0.05)
     cpu1 = {node: cpu_seconds(pid) for node, pid in sys_.pids.items()}
-    time.sleep(0.3)
-    for proc in listeners.values():
-        proc.terminate()
-        proc.wait()
-    seen: dict[int, dict[int, float]] = {}
-    for p, path in files.items():
-        got: dict[int, float] = {}
-        for line in path.read_text().splitlines():
-            if not line.startswith("[") or "sport=" not in line:
-                continue
-            ts = float(line[1:line.index("]")])
-            sport = int(line.split("sport=")[1].split()[0])
-            got.setdefault(sport, ts)
-        seen[p] = got
+    time.sleep(0.5)
+    listener.close()
+    seen = {p: {k: v for k, v in got.items() if k != PROBE_PORT}
+            for p, got in listener.seen.items()}
     lags = []
     missing = 0
     for sport, t_sent in gen["samples"].items():
