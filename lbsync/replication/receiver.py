@@ -153,6 +153,8 @@ class Receiver:
         self._token = 0
         self._open: dict[int, _OpenResync] = {}
         self._nack_slot = now  # no NACK datagram before this (one per nack_interval)
+        self._gaps_due: float | None = None
+        self._gaps_dirty = False
         self.control: list[Message] = []
         self.events: list[Event] = []
         self.datagrams_delivered = 0
@@ -285,6 +287,7 @@ class Receiver:
                     peer.missing[seq] = _Gap(now + uniform(0, nack_delay))
                     self.gaps_detected += 1
             peer.tracked = limit
+            self._gaps_dirty = True
 
     # -- applying ----------------------------------------------------------------------------
 
@@ -404,6 +407,7 @@ class Receiver:
                     gap.attempts += 1
                     gap.due = max(gap.due, now + self._retry(gap.attempts))
                     self.nacks_suppressed += 1
+                    self._gaps_dirty = True
 
     def _gone(self, peer: _Peer, m: Gone, now: float) -> None:
         skipped = 0
@@ -460,11 +464,16 @@ class Receiver:
 
     def get_timer(self) -> float | None:
         t: float | None = None
+        if self._gaps_dirty:
+            # Cached: scanning every gap after every datagram would be quadratic under heavy
+            # loss. Removing a gap leaves the cache early, which is harmless (the timer fires,
+            # finds nothing due, and the next call recomputes).
+            self._gaps_due = min((g.due for p in self._peers.values()
+                                  for g in p.missing.values()), default=None)
+            self._gaps_dirty = False
+        if self._gaps_due is not None:
+            t = max(self._gaps_due, self._nack_slot)
         for peer in self._peers.values():
-            for gap in peer.missing.values():
-                due = max(gap.due, self._nack_slot)
-                if t is None or due < t:
-                    t = due
             if not peer.silent:
                 d = peer.last_heard + self._p.silent_after
                 if t is None or d < t:
@@ -475,6 +484,7 @@ class Receiver:
         return t
 
     def handle_timer(self, now: float) -> None:
+        self._gaps_dirty = True
         # When any gap is due, every gap (of any sender) due within the next nack_delay rides
         # along: one NACK datagram instead of several.
         anything_due = now >= self._nack_slot and any(
