@@ -589,13 +589,12 @@ class Membership:
 
     def handoff_release(self, buckets: Iterable[int], now: float) -> frozenset[int]:
         """Planned handoff, old owner: stop owning ``buckets`` now (the daemon removes them from
-        ``@owned`` right after, before the new owner claims); the next heartbeat, sent at
-        once, no longer reports them. Returns those that were owned."""
+        ``@owned`` right after, before the new owner claims). The regular next heartbeat stops
+        reporting them: not sooner, so the new owner's take (after the seal) normally comes
+        before the bucket looks orphaned. Returns those that were owned."""
         self._tick(now)
         gone = frozenset(b for b in buckets if b in self._owned)
         self._owned.difference_update(gone)
-        self._send_now = True
-        self._update(now)
         return gone
 
     def handoff_claimed(self, buckets: Iterable[int], now: float) -> frozenset[int]:
