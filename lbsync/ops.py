@@ -33,8 +33,8 @@ Handlers (``{name: async handler(args)}``, merged into the daemon's control sock
 - ``set-local``: drained flag and weight of this node, persisted in the state directory
   (``<state>/<cluster>-<id>.operator``, read again at start) and announced in heartbeats.
 
-The handoff halves change membership's actual ownership through its private set (there is no
-core API for a planned move yet): a first increment, see docs/operations.md.
+The handoff halves change membership's actual ownership through ``handoff_release`` /
+``handoff_claimed``; the orchestration (what moves when) is the caller's: docs/operations.md.
 """
 
 from __future__ import annotations
@@ -90,13 +90,9 @@ def reported_owners(node: Any) -> dict[int, list[int]]:
     out: dict[int, list[int]] = {b: [] for b in range(node.B)}
     for b in ms.owned:
         out[b].append(node.node_id)
-    # membership keeps peers' reported bitmaps privately; read-only here
-    for p in getattr(ms, "_peers", {}).values():
-        hb = p.last_hb
-        if hb is None or hb.witness or p.state.value == "lost":
-            continue
-        for b in p.owned:
-            out[b].append(p.node_id)
+    for peer, owned in ms.reported_owned().items():
+        for b in owned:
+            out[b].append(peer)
     return out
 
 
@@ -119,11 +115,11 @@ def map_snapshot(node: Any) -> dict[str, Any]:
                      "chain": list(tm.chain(b)) if tm is not None else [],
                      "store_entries": node.store.count(b),
                      "kernel_copies": len(node.in_kernel[b])})
-    hbs = {n: p.last_hb for n, p in getattr(node.ms, "_peers", {}).items()}
+    view = {m.node_id: m for m in node.ms.ready_view()}  # weights, drain flags (heartbeats)
     peers = {p.node_id: {"state": p.state, "ready": p.ready, "fenced": p.fenced,
                          "incarnation": p.incarnation,
-                         "drained": bool(getattr(hbs.get(p.node_id), "drained", False)),
-                         "weight": getattr(hbs.get(p.node_id), "weight", None)}
+                         "drained": bool(getattr(view.get(p.node_id), "drained", False)),
+                         "weight": getattr(view.get(p.node_id), "weight", None)}
              for p in node.ms.statistics().peers}
     peers[node.node_id] = {"state": "self", "ready": node.ms.ready, "fenced": node.ms.fenced,
                            "incarnation": node.ms.incarnation, "drained": node.ms.drained,
@@ -302,7 +298,7 @@ class Ops:
                     "seq": node.ep.sender.statistics().next_seq - 1,
                     "incarnation": node.incarnation, "released_monotonic": time.monotonic()}
         # membership first, so no lease refresh re-adds them to @owned meanwhile
-        ms._owned.difference_update(buckets)
+        ms.handoff_release(buckets, node.loop.time())
         node.nft.update_marks("owned", (), buckets)
         released = time.monotonic()
         node._kernel_owned.difference_update(buckets)
@@ -316,7 +312,6 @@ class Ops:
         if node.transport is not None:
             node.transport.pump()
         seq = node.ep.sender.statistics().next_seq - 1
-        ms._send_now = True
         node._membership_changed()
         return {"node_id": node.node_id, "buckets": buckets, "skipped": skipped, "seq": seq,
                 "incarnation": node.incarnation, "released_monotonic": released}
@@ -364,12 +359,15 @@ class Ops:
             node._write_owned(todo, node.ms.lease_expiry(), now)
             claimed = time.monotonic()
             epoch = node.ms.map.epoch if node.ms.map is not None else 1
-            node.ms._owned.update(todo)
+            accepted = node.ms.handoff_claimed(todo, now)
+            refused = [b for b in todo if b not in accepted]
+            if refused:  # fenced meanwhile: never forward what membership does not back
+                node.nft.update_marks("owned", (), refused)
+                todo = [b for b in todo if b in accepted]
             node._kernel_owned.update(todo)
             for b in todo:
                 node.owned.add(b)
                 node.ep.claim(b, epoch, now)
-            node.ms._send_now = True
             node._membership_changed()
         released = args.get("released_monotonic")
         gap = claimed - float(released) if isinstance(released, (int, float)) else None
@@ -390,7 +388,11 @@ class Ops:
                 "drill-fail": self.drill_fail, "drill-counters": self.drill_counters,
                 "rebalance-plan": self.rebalance_plan, "map-propose": self.map_propose,
                 "handoff-seal": self.handoff_seal, "handoff-take": self.handoff_take,
-                "set-local": self.set_local, "drill-partition": self.drill_partition}
+                "set-local": self.set_local, "drill-partition": self.drill_partition,
+                "ops-status": self.ops_status}
+
+    async def ops_status(self, _args: Mapping[str, Any]) -> Any:
+        return self.statistics()
 
     async def map(self, args: Mapping[str, Any]) -> Any:
         explain = args.get("explain")

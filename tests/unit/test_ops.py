@@ -50,6 +50,13 @@ class FakeMs:
         self.ready, self.fenced, self.incarnation = True, False, 1
         self.drained, self.weight = False, 1
 
+    def reported_owned(self) -> dict[int, frozenset[int]]:
+        return {p.node_id: p.owned for p in self._peers.values()
+                if p.state.value != "lost" and p.last_hb is not None}
+
+    def ready_view(self) -> tuple[Any, ...]:
+        return ()
+
     def statistics(self) -> Any:
         class S:
             peers = tuple(PeerStatus(p.node_id, p.state.value, owned=len(p.owned))
