@@ -70,7 +70,7 @@ def test_bulk_commit_and_dump_fast_profile_no_false_peer_lost(
                         return False
                 return True
 
-            daemons.wait_for(replicated, 6 * DEADLINE, what=f"{n} entries replicated")
+            daemons.wait_for(replicated, 3 * DEADLINE, what=f"{n} entries replicated")
             assert dump_count(ns1) >= n
             time.sleep(1.0)
             rep = run.stop()
