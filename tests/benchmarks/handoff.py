@@ -74,6 +74,10 @@ def run_case(tcp: int, udp: int, k: int) -> dict[str, Any]:
                                 60, what="rejoin")
         say(f"node {NODES} ready {time.monotonic() - t_start:.2f} s after its start, "
             f"{back['store_entries']} standby entries, owning {len(back['owned'])}")
+        # the plan uses the ready view as node 1 sees it: wait for node 4's ready heartbeat
+        daemons.wait_for(lambda: any(v[0] == NODES for v in daemons.request(
+            lab, 1, "rebalance-plan", {"max_concurrent": k})["view"]), 30,
+            what=f"node {NODES} in node 1's ready view")
         cp = subprocess.run([sys.executable, "-m", "lbsync", "rebalance", "--json",
                              "--max-concurrent", str(k), "--config", str(lab.config_path),
                              "--node-id", "1"], capture_output=True, text=True, timeout=120)

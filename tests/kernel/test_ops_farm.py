@@ -316,6 +316,9 @@ def test_drill_fail_matches_the_traffic(farm: tuple[Lab, TrafficRun]) -> None:
 def test_rebalance_moves_what_hashing_predicts(farm: tuple[Lab, TrafficRun]) -> None:
     lab, traffic = farm
     one_owner_each(lab)
+    # the plan uses the ready view as node 1 sees it (heartbeats): every node, undrained
+    daemons.wait_for(lambda: daemons.request(lab, 1, "rebalance-plan", {})["view"]
+                     == [[n, 1, False] for n in lab.node_ids], DEADLINE, what="ready view")
     want = predicted_moves(lab, {}, set())
     dry = cli_json(lab, "rebalance", "--dry-run")
     assert dry["moves"] == want and dry["moved"] == 0
