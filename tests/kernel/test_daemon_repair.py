@@ -156,7 +156,8 @@ def test_stores_converge_with_20_percent_loss_on_the_replication_link(lab: Lab) 
         time.sleep(3.0)
         cmp = dc.wait_equal(lab, timeout=40)
         assert cmp.ok(), "\n".join(cmp.problems)
-        assert cmp.owner_entries >= 900
+        # the second run's 600 flows at least (the first run's UDP entries may have expired)
+        assert cmp.owner_entries >= 600
         after = statuses(lab)
         rep = second.stop()
     finally:
