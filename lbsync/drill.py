@@ -244,6 +244,7 @@ def run_rebalance(farm: Farm, local: int, *, max_concurrent: int = 8, dry_run: b
         if dry_run or not rep["skipped"]:
             break
         progress(f"{rep['skipped']} moves were stale; planning again")
+        time.sleep(0.5)  # a heartbeat: the planner's view of the owners catches up
     assert total is not None
     total["attempts"] = attempt
     return total

@@ -58,6 +58,27 @@ PARTITION_TABLE = "lbsync_drill_partition"
 SEAL_DRAIN = 0.005  # lets conntrack events already read for sealed buckets be replicated
 TAKE_WAIT = 2.0  # at most this long for the old owner's stream to reach the seal
 HANDOFF_HISTORY = 64
+LINK_CHECK_INTERVAL = 0.1
+_SIOCGIFFLAGS = 0x8913
+_IFF_UP = 0x1
+_IFF_RUNNING = 0x40
+
+
+def link_up(ifname: str) -> bool:
+    """Administratively up and with carrier (IFF_UP and IFF_RUNNING); a missing interface is
+    down."""
+    import fcntl
+    import socket
+    import struct
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            res = fcntl.ioctl(s.fileno(), _SIOCGIFFLAGS,
+                              struct.pack("16sH14x", ifname.encode()[:15], 0))
+    except OSError:
+        return False
+    flags = struct.unpack_from("16sH", res)[1]
+    return bool(flags & _IFF_UP) and bool(flags & _IFF_RUNNING)
 MAX_DRILL_HANG = 60.0
 # The drill's reset counters: RSTs this node forwards (flows it owns) and RSTs its own stack
 # sends. Separate table, so the lbsync ruleset is never touched; priority after filter.
@@ -182,11 +203,131 @@ class Ops:
         self.takes = 0
         self._restore_operator_state()
         node.ops = self  # the metrics exporter reads statistics() through the node
+        self.link_down: frozenset[str] = frozenset()
+        self.link_handoffs = 0
+        self._operator_drained = bool(node.ms.drained)
+        self._seen_up: set[str] = set()
+        self._refreshing = False
+        if getattr(node, "loop", None) is not None:
+            self._schedule_link_check()
+
+    # ---------------------------------------------------------------- link failure
+
+    def _schedule_link_check(self) -> None:
+        self.node.loop.call_later(LINK_CHECK_INTERVAL, self._check_links)
+
+    def _check_links(self) -> None:
+        """Outside or inside link down (replication still up): this node cannot forward its
+        buckets, so it leaves them to the others instead of black-holing them (see
+        :meth:`_hand_off_everything`). Polled every LINK_CHECK_INTERVAL."""
+        node = self.node
+        try:
+            if node.stopping:
+                return
+            ifs = node.cfg.interfaces
+            # only a link seen up before counts as failed (a host without it is not a failure)
+            state = {n: link_up(n) for n in (ifs.outside, ifs.inside)}
+            self._seen_up.update(n for n, up in state.items() if up)
+            down = frozenset(n for n, up in state.items() if not up and n in self._seen_up)
+            if down and not self.link_down:
+                log.warning("ops.link_down ifaces=%s owned=%d", ",".join(sorted(down)),
+                            len(node.owned))
+                self.link_down = down
+                self._hand_off_everything()
+            elif not down and self.link_down:
+                log.warning("ops.link_up ifaces=%s", ",".join(sorted(self.link_down)))
+                self.link_down = down
+                self._refreshing = self._refresh_kernel_copies()
+            elif self._refreshing and not node._to_inject and not node._to_delete:
+                # copies rebuilt from the store: this node may own buckets again
+                self._refreshing = False
+                node.ms.set_local(node.loop.time(), drained=self._operator_drained)
+                node._membership_changed()
+                log.warning("ops.link_recovered drained=%s", self._operator_drained)
+            else:
+                self.link_down = down
+        except Exception as exc:  # the watch must keep running
+            log.error("ops.link_check_failed error=%r", exc)
+        finally:
+            if not node.stopping:
+                self._schedule_link_check()
+
+    def _target_without_me(self) -> Any:
+        """``hashing.assign`` from the agreed target map (not from heartbeat reports, which may
+        lag) with this node drained."""
+        from hashing.ownermap import ALGORITHM_VERSION, ZERO_HASH, Member, OwnerMap, View, assign
+
+        node = self.node
+        tm = node.ms.map
+        if tm is None or 0 in tm.owners:
+            raise OpsError("no complete agreed map")
+        owners = tuple(tm.owners)
+        current = OwnerMap(version=ALGORITHM_VERSION, buckets=node.B, epoch=tm.epoch,
+                           prev_hash=ZERO_HASH, view=View.of(Member(n) for n in set(owners)),
+                           owners=owners)
+        members = {m.node_id: Member(m.node_id, m.weight, m.drained)
+                   for m in node.ms.ready_view()}
+        members[node.node_id] = Member(node.node_id, node.ms.weight, True)
+        return assign(View.of(members.values()), node.B, current)
+
+    def _refresh_kernel_copies(self) -> bool:
+        """After a cluster link was down this node missed packets of every flow, so its
+        kernel copies' TCP tracking is stale (a claim would drop their packets as invalid):
+        delete them all and create them again from the store (the owners' latest state)."""
+        node = self.node
+        n = 0
+        for b in range(node.B):
+            if b in node.owned:
+                continue
+            for key in list(node.in_kernel[b]):
+                node.in_kernel[b].discard(key)
+                node._to_delete[key] = b
+            for key in node.store.flows(b):
+                node._to_inject[key] = b
+                n += 1
+        node._kernel_work.set()
+        log.warning("ops.link_refresh copies=%d", n)
+        return True
+
+    def _hand_off_everything(self) -> None:
+        """Drain this node (not persisted: link state), propose the map without it, and
+        release every owned bucket. The map's new targets find the buckets unowned and claim
+        them (commit, then claim) once every member reports the new map: no control socket of
+        another node is needed, at the price of a heartbeat or two of gap."""
+        node = self.node
+        now = node.loop.time()
+        self._operator_drained = bool(node.ms.drained)
+        node.ms.set_local(now, drained=True)
+        try:
+            from lbsync.node import target_map
+
+            new = self._target_without_me()
+            node.ms.propose_map(target_map(new, proposer=node.node_id), now)
+        except Exception as exc:  # no agreed map to start from: release anyway
+            log.warning("ops.link_handoff_no_map error=%s", exc)
+        owned = sorted(node.owned)
+        if owned:
+            node.ms.handoff_release(owned, now)
+            try:
+                node.nft.update_marks("owned", (), owned)
+            except Exception as exc:
+                log.error("ops.link_handoff_nft error=%s", exc)
+            node._kernel_owned.difference_update(owned)
+            for b in owned:
+                node.owned.discard(b)
+                node.ep.release(b)
+            node.ep.flush(now)
+            if node.transport is not None:
+                node.transport.pump()
+        self.link_handoffs += 1
+        node._membership_changed()
+        log.warning("ops.link_handoff released=%d", len(owned))
 
     def statistics(self) -> dict[str, Any]:
         """Snapshot: counters and the last planned handoffs taken by this node."""
         return {"resyncs_requested": self.resyncs_requested, "drills": self.drills,
-                "takes": self.takes, "handoffs": [dict(h) for h in self.handoffs]}
+                "takes": self.takes, "handoffs": [dict(h) for h in self.handoffs],
+                "links_down": sorted(self.link_down), "link_handoffs": self.link_handoffs}
 
     # ---------------------------------------------------------------- operator state
 
@@ -216,12 +357,17 @@ class Ops:
                 raise OpsError("weight must be 1..1000000")
         if drained is not None and not isinstance(drained, bool):
             raise OpsError("drained must be true or false")
+        if drained is not None:
+            self._operator_drained = drained
+        if self.link_down and drained is False:
+            drained = None  # stays drained while its link is down; undrained when it is back
         node.ms.set_local(node.loop.time(), drained=drained, weight=weight)
         node._membership_changed()
         path = self._operator_file()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"drained": node.ms.drained, "weight": node.ms.weight}))
+        tmp.write_text(json.dumps({"drained": self._operator_drained,
+                                   "weight": node.ms.weight}))
         os.replace(tmp, path)
         return {"node_id": node.node_id, "drained": node.ms.drained,
                 "weight": node.ms.weight, "persisted": str(path)}
@@ -312,6 +458,8 @@ class Ops:
         if node.transport is not None:
             node.transport.pump()
         seq = node.ep.sender.statistics().next_seq - 1
+        # No early heartbeat: the new owner's take (forced heartbeat) normally comes first;
+        # announced sooner, the bucket would look orphaned and be claimed without the seal.
         node._membership_changed()
         return {"node_id": node.node_id, "buckets": buckets, "skipped": skipped, "seq": seq,
                 "incarnation": node.incarnation, "released_monotonic": released}
