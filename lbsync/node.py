@@ -88,6 +88,7 @@ STATE_DIR = Path("/var/lib/lbsync")
 MEMBERSHIP_SUBKIND = 1
 OWNED_SET = "owned"
 DIGEST_INTERVAL = 1.0
+DIGEST_SLICES = 8
 # Owners compare their buckets' store with a kernel dump this often: a DESTROY can be silent
 # (an owned entry whose last packet met `ct event set 0` while its bucket's lease had lapsed
 # has no event mask left), and a store entry outliving its kernel entry would be resurrected
@@ -236,6 +237,7 @@ class Node:
         self.takeovers: deque[TakeoverLog] = deque(maxlen=32)
         self.c: Counter[str] = Counter()
         self.stopping = False
+        self._digest_slice = 0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -687,14 +689,22 @@ class Node:
             self._schedule_sweep()
 
     def _schedule_digests(self) -> None:
+        """Every owned bucket's digest goes out once per DIGEST_INTERVAL, in DIGEST_SLICES
+        round-robin slices: after a burst every bucket's cached digest is stale, and hashing
+        100k entries in one callback stalled the loop for ~0.1 s (heartbeats late)."""
         def fire() -> None:
-            if self.owned:
-                self.ep.send_digests(sorted(self.owned), self.loop.time())
-                if self.transport is not None:
-                    self.transport.pump()
+            owned = sorted(self.owned)
+            if owned:
+                k = self._digest_slice % DIGEST_SLICES
+                part = owned[k::DIGEST_SLICES]
+                if part:
+                    self.ep.send_digests(part, self.loop.time())
+                    if self.transport is not None:
+                        self.transport.pump()
+            self._digest_slice += 1
             self._schedule_digests()
 
-        self.loop.call_later(DIGEST_INTERVAL, fire)
+        self.loop.call_later(DIGEST_INTERVAL / DIGEST_SLICES, fire)
 
     # ------------------------------------------------------------------ status
 
