@@ -16,7 +16,8 @@ What DESIGN section 3 found necessary to run it next to other instances on one h
 - conntrackd 1.4.7 runs with SCHED_RR priority 99 even without a ``Scheduler`` block, and its
   parser knows only RR and FIFO: the file states RR 99 explicitly, and a comparison that wants
   both daemons at the same policy demotes the running process with
-  :func:`equalise_scheduling_argv` (``chrt --other``), measured to work here.
+  :func:`equalise_scheduling_argv` (``chrt --rr 50``: lbsync's own default policy), measured to
+  work here.
 
 FTFW's reliable protocol is two-party (no sender id on the wire), hence exactly two nodes.
 """
@@ -51,10 +52,13 @@ def conntrackd_argv(conf_path: str, *, binary: str = "conntrackd") -> list[str]:
     return [binary, "-C", conf_path]
 
 
-def equalise_scheduling_argv(pid: int) -> list[str]:
-    """Demote a running conntrackd (all its threads) to SCHED_OTHER, the policy lbsync runs
-    at, for like-for-like CPU comparisons."""
-    return ["chrt", "--all-tasks", "--other", "--pid", "0", str(pid)]
+def equalise_scheduling_argv(pid: int, *, policy: str = "rr", priority: int = 50) -> list[str]:
+    """Put a running conntrackd (all its threads) at lbsync's scheduling policy and priority
+    (``[daemon]`` defaults: SCHED_RR 50), for like-for-like comparisons; ``policy`` "other"
+    gives SCHED_OTHER (priority 0)."""
+    if policy == "other":
+        return ["chrt", "--all-tasks", "--other", "--pid", "0", str(pid)]
+    return ["chrt", "--all-tasks", f"--{policy}", "--pid", str(priority), str(pid)]
 
 
 def _ignore_line(entry: str) -> str:

@@ -29,8 +29,8 @@ What differs from the active-active lab, node by node:
 
 Start-up (:meth:`IncumbentLab.start`): both conntrackds, then keepalived on node 1 until it holds
 the VIPs and its primary script is done, then node 2 until its backup script is done. conntrackd
-runs SCHED_RR 99 by default: ``equalise=True`` demotes it (and keepalived, if it runs realtime)
-to SCHED_OTHER, the policy lbsync's daemon runs at, for side-by-side comparisons.
+runs SCHED_RR 99 by default: ``equalise=True`` puts it (and keepalived, if it runs realtime) at
+SCHED_RR 50, lbsync's default policy, for side-by-side comparisons.
 
 A crash (:meth:`IncumbentLab.kill_node`): SIGKILL of keepalived's VRRP child first (killing the
 parent first makes the child send a priority-0 advert: a graceful handover, not a crash), then
@@ -392,14 +392,15 @@ class IncumbentLab(Lab):
         return _pid_file(self.run_dir(node_id) / "keepalived-vrrp.pid")
 
     def equalise_scheduling(self) -> list[int]:
-        """Demote every conntrackd and keepalived thread running realtime to SCHED_OTHER;
-        the pids demoted."""
+        """Put every conntrackd and keepalived thread running realtime at lbsync's default
+        policy (SCHED_RR 50); the pids changed."""
         done = []
         for i in self.node_ids:
             for pid in self.conntrackd_pids(i) + self.keepalived_pids(i):
                 cp = subprocess.run(["chrt", "-p", str(pid)], capture_output=True, text=True,
                                     check=False)
-                if any(p in cp.stdout for p in _RT_POLICIES):
+                already = "SCHED_RR" in cp.stdout and "priority: 50" in cp.stdout
+                if any(p in cp.stdout for p in _RT_POLICIES) and not already:
                     subprocess.run(equalise_scheduling_argv(pid), capture_output=True,
                                    check=False)
                     done.append(pid)

@@ -16,9 +16,9 @@ Drill: 500 TCP + 200 UDP flows (``--quick``: 100 + 40), all ingress SNAT to the 
 crash of the node forwarding the flows, links down in the same step (lbsync: node 1's daemon
 SIGKILLed, ``daemons.kill_daemon(links_down=True)``; incumbent: the master's keepalived VRRP child,
 keepalived and conntrackd SIGKILLed, ``IncumbentLab.kill_node``), then the traffic runs on for a
-settle time longer than TCP's retransmission backoff needs. Every daemon runs SCHED_RR, each
-at its default priority (lbsync's ``[daemon] sched_policy = "rr"`` at 50, conntrackd at 99;
-keepalived as it starts).
+settle time longer than TCP's retransmission backoff needs. Every daemon runs SCHED_RR 50:
+lbsync's ``[daemon]`` default, and conntrackd (default RR 99) and any realtime keepalived thread
+put there with ``chrt`` (:meth:`IncumbentLab.equalise_scheduling`).
 
 Figures per variant (times relative to t0; from the traffic tool's per-flow timelines, whose
 resolution is the request interval, 0.1 s, and its gap threshold, 2 intervals):
@@ -264,7 +264,7 @@ def run_incumbent(tcp: int, udp: int, settle: float, advert_int: float) -> dict[
                             "advert_int": advert_int,
                             "vrrp_version": 2 if advert_int == int(advert_int) else 3}
     try:
-        lab.start(equalise=False)
+        lab.start(equalise=True)
         with start_traffic(lab, tcp, udp) as run:
             daemons.wait_for(lambda: lab.external_cache_size(2) >= tcp + udp, 60,
                              what="node 2's external cache holds every flow")
@@ -281,7 +281,7 @@ def run_incumbent(tcp: int, udp: int, settle: float, advert_int: float) -> dict[
         case["control"] = "VIP seen on node 2"
         case["commit_done_s"] = _script_done_after(lab.notify_log(2), t0_wall)
         case["notify_failures"] = lab.notify_log(2).count("failed")
-        case["demoted_to_sched_other"] = False
+        case["scheduling_equalised"] = True
         keep(rep, case["variant"], t0)
         case.update(drill_figures(rep, t0, None))
         case["curve"] = alive_curve(rep, t0)
@@ -389,8 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": "python -m tests.benchmarks.failover" + (" --quick" if args.quick else ""),
         "quick": args.quick, "tcp": tcp, "udp": udp, "rate_per_flow": RATE, "mode": "snat",
-        "scheduling": "SCHED_RR for every daemon at its default priority (lbsync 50, "
-                      "conntrackd 99)",
+        "scheduling": "SCHED_RR 50 for every daemon (lbsync's default; conntrackd set by chrt)",
         "load_before": os.getloadavg()[0], "cases": []}
     plan: list[tuple[str, Any]] = [("lbsync", "default"), ("incumbent", 0.1)]
     if not args.quick:

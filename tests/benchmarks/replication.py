@@ -28,8 +28,8 @@ Method (docs/benchmarks.md, section replication, says what each figure means):
 - **conntrackd**: FTFW between the 2 nodes of a 2-node lab, config from
   :func:`lbsync.conntrackd.render_conntrackd_conf` with ``DisableExternalCache On`` (the backup
   then injects what it receives into its kernel at once: the same "copy in the peer's kernel"
-  that lbsync pre-injects, measured the same way), both processes demoted to SCHED_OTHER
-  (lbsync's policy) with ``chrt``; lbsync runs a 2-node lab at the same rates for the ratios.
+  that lbsync pre-injects, measured the same way), both processes put at SCHED_RR 50
+  (lbsync's default policy) with ``chrt``; lbsync runs a 2-node lab at the same rates.
   Its memory per entry is not measured here (no external cache in this mode).
 
 After each step the generator deletes its entries (replicated deletes) and the next step waits
@@ -498,7 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             lab.destroy()
             daemons.remove_runtime_files(lab.prefix)
         if not args.no_conntrackd:
-            print("conntrackd FTFW, 2 nodes (DisableExternalCache On, SCHED_OTHER):",
+            print("conntrackd FTFW, 2 nodes (DisableExternalCache On, SCHED_RR 50 like lbsync):",
                   flush=True)
             try:
                 lab, sc = conntrackd_system(unique_prefix("r"))

@@ -101,6 +101,7 @@ def test_scheduler_and_argv() -> None:
     text = render_conntrackd_conf(pair(), 1, run_dir="/r")
     assert re.search(r"Scheduler \{\n\s+Type RR\n\s+Priority 99\n", text)
     assert conntrackd_argv("/r/c.conf") == ["conntrackd", "-C", "/r/c.conf"]
-    assert equalise_scheduling_argv(42)[-2:] == ["0", "42"]
+    assert equalise_scheduling_argv(42) == ["chrt", "--all-tasks", "--rr", "--pid", "50", "42"]
+    assert equalise_scheduling_argv(42, policy="other")[-2:] == ["0", "42"]
     # braces balance: conntrackd's parser would refuse anything else
     assert text.count("{") == text.count("}")
