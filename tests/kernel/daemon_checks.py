@@ -18,12 +18,13 @@ What "equal" means for a standby copy (docs/daemon.md explains each exception):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import ipaddress
 import socket
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -395,3 +396,32 @@ def watch_disappearance(lab: Lab, keys: Mapping[bytes, int], owner_of: Mapping[i
 __all__ = ["LOCAL_STATUS", "Comparison", "DestroyWatcher", "Disappearance", "compare",
            "farm_flow", "kernel_table", "owners", "persistent_timeouts", "replicable",
            "store_keys", "store_records", "wait_empty", "wait_equal", "watch_disappearance"]
+
+
+# -- the daemon lab both acceptance modules share --------------------------------------------
+
+
+def daemon_lab(lab_factory: Callable[..., Lab], sysctls: Iterable[str]) -> Iterator[Lab]:
+    """A 3-node lab (B = 64) with ``sysctls`` in every node namespace and a ready daemon per
+    node; the daemons are killed and their runtime files removed afterwards (the lab itself is
+    torn down by ``lab_factory``)."""
+    lab = lab_factory(3, buckets=64)
+    try:
+        for i in lab.node_ids:
+            lab.exec(lab.node_ns(i), ["sysctl", "-q", "-w", *sysctls], check=True)
+        daemons.start_daemons(lab)
+        daemons.wait_ready(lab, timeout=30)
+        yield lab
+    finally:
+        for i in lab.node_ids:
+            with contextlib.suppress(Exception):
+                daemons.kill_daemon(lab, i)
+        daemons.remove_runtime_files(lab.prefix)
+
+
+def statuses(lab: Lab) -> dict[int, dict[str, Any]]:
+    return {i: daemons.status(lab, i) for i in lab.node_ids}
+
+
+def counter(st: dict[str, Any], name: str) -> int:
+    return int(st["counters"].get(name, 0))

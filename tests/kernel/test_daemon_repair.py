@@ -10,7 +10,6 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import pytest
 
@@ -29,26 +28,11 @@ LOSS_TABLE = "lbtloss"
 
 @pytest.fixture(scope="module")
 def lab(lab_factory: Callable[..., Lab]) -> Iterator[Lab]:
-    lab = lab_factory(3, buckets=64)
-    try:
-        for i in lab.node_ids:
-            lab.exec(lab.node_ns(i), ["sysctl", "-q", "-w", *SYSCTLS], check=True)
-        daemons.start_daemons(lab)
-        daemons.wait_ready(lab, timeout=30)
-        yield lab
-    finally:
-        for i in lab.node_ids:
-            with contextlib.suppress(Exception):
-                daemons.kill_daemon(lab, i)
-        daemons.remove_runtime_files(lab.prefix)
+    yield from dc.daemon_lab(lab_factory, SYSCTLS)
 
 
-def statuses(lab: Lab) -> dict[int, dict[str, Any]]:
-    return {i: daemons.status(lab, i) for i in lab.node_ids}
-
-
-def counter(st: dict[str, Any], name: str) -> int:
-    return int(st["counters"].get(name, 0))
+statuses = dc.statuses
+counter = dc.counter
 
 
 def test_corrupted_store_bucket_is_repaired_by_a_resync_of_that_bucket_alone(lab: Lab) -> None:

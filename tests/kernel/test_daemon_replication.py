@@ -15,7 +15,6 @@ import contextlib
 import socket
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import pytest
 
@@ -36,26 +35,11 @@ UDP_TIMEOUT = 10
 
 @pytest.fixture(scope="module")
 def lab(lab_factory: Callable[..., Lab]) -> Iterator[Lab]:
-    lab = lab_factory(3, buckets=64)
-    try:
-        for i in lab.node_ids:
-            lab.exec(lab.node_ns(i), ["sysctl", "-q", "-w", *SYSCTLS], check=True)
-        daemons.start_daemons(lab)
-        daemons.wait_ready(lab, timeout=30)
-        yield lab
-    finally:
-        for i in lab.node_ids:
-            with contextlib.suppress(Exception):
-                daemons.kill_daemon(lab, i)
-        daemons.remove_runtime_files(lab.prefix)
+    yield from dc.daemon_lab(lab_factory, SYSCTLS)
 
 
-def statuses(lab: Lab) -> dict[int, dict[str, Any]]:
-    return {i: daemons.status(lab, i) for i in lab.node_ids}
-
-
-def counter(st: dict[str, Any], name: str) -> int:
-    return int(st["counters"].get(name, 0))
+statuses = dc.statuses
+counter = dc.counter
 
 
 # --------------------------------------------------------------------------------------------
