@@ -606,7 +606,8 @@ class Node:
 
     async def _takeover(self, ev: TakeoverDecided, decided: float) -> None:
         """Commit, then claim: inject what the kernel lacks, then one nft transaction."""
-        t0 = self.loop.time()
+        # durations on the high-resolution clock (uvloop's loop.time() ticks in ms)
+        p0 = time.perf_counter()
         missing: list[bytes] = []
         for b in ev.buckets:
             ink = self.in_kernel[b]
@@ -620,6 +621,7 @@ class Node:
             injected += await self._inject_some(slice_n, missing[i:i + slice_n])
             await asyncio.sleep(0)  # heartbeats between slices: a 100k commit must not stall
         t1 = self.loop.time()
+        p1 = time.perf_counter()
         epoch = ev.new_map.epoch
         try:
             # claimed in the kernel first; the owner pipeline starts with the claim
@@ -631,6 +633,7 @@ class Node:
             return
         t2 = self.loop.time()
         claimed_mono = time.monotonic()
+        p2 = time.perf_counter()
         accepted = self.ms.claim_done(ev.buckets, t2)
         for b in ev.buckets:
             if b in accepted:
@@ -640,10 +643,10 @@ class Node:
         self._kernel_owned |= set(accepted)
         if refused:
             self.nft.update_marks(OWNED_SET, (), refused)
-        self.takeovers.append(TakeoverLog(ev.dead_node, ev.buckets, decided, t1 - t0, injected,
-                                          t2 - t1, len(accepted), len(refused), claimed_mono))
+        self.takeovers.append(TakeoverLog(ev.dead_node, ev.buckets, decided, p1 - p0, injected,
+                                          p2 - p1, len(accepted), len(refused), claimed_mono))
         log.info("node.takeover dead=%d buckets=%d injected=%d safety_ms=%.1f claim_ms=%.1f",
-                 ev.dead_node, len(ev.buckets), injected, (t1 - t0) * 1e3, (t2 - t1) * 1e3)
+                 ev.dead_node, len(ev.buckets), injected, (p1 - p0) * 1e3, (p2 - p1) * 1e3)
         self._membership_changed()
 
     # ------------------------------------------------------------------ digests
