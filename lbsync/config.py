@@ -171,6 +171,20 @@ class DaemonConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class KeepalivedConfig:
+    """keepalived as a second failure signal (docs/keepalived.md)."""
+
+    enabled: bool = _help(
+        "read keepalived's notify FIFO: a peer's instance taken over lowers that peer's "
+        "silence threshold to T_fence; this node's own instance FAULT hands its buckets off",
+        default=False)
+    fifo: str = _help("notify FIFO path; '' means /run/lbsync/<cluster>-<node>.vrrp.fifo",
+                      default="")
+    advert_int: float = _help("VRRP advert interval in seconds (lbsync keepalived-config)",
+                              default=0.1)
+
+
+@dataclass(frozen=True, slots=True)
 class MetricsConfig:
     """Prometheus exporter (off by default)."""
 
@@ -204,6 +218,7 @@ class ClusterConfig:
     store: StoreConfig = _help("standby store", default_factory=StoreConfig)
     metrics: MetricsConfig = _help("metrics", default_factory=MetricsConfig)
     daemon: DaemonConfig = _help("daemon process", default_factory=DaemonConfig)
+    keepalived: KeepalivedConfig = _help("keepalived signal", default_factory=KeepalivedConfig)
 
     def node(self, node_id: int) -> NodeConfig:
         for n in self.nodes:
@@ -214,6 +229,12 @@ class ClusterConfig:
     @property
     def node_ids(self) -> tuple[int, ...]:
         return tuple(n.id for n in self.nodes)
+
+    def vrrp_fifo(self, node_id: int) -> Path:
+        """keepalived's notify FIFO for ``node_id`` (``keepalived.fifo`` or the default)."""
+        if self.keepalived.fifo:
+            return Path(self.keepalived.fifo)
+        return self.runtime_path(node_id, "vrrp.fifo")
 
     def runtime_path(self, node_id: int, suffix: str) -> Path:
         """``/run/lbsync/<cluster>-<node>.<suffix>`` (sock, lock, state...)."""
@@ -417,6 +438,12 @@ def _check_cluster(cfg: ClusterConfig, source: str) -> None:
         raise ConfigError(source, "store.max_entries", "must be > 0")
     if cfg.kernel.batch_entries <= 0 or cfg.kernel.slice_entries <= 0:
         raise ConfigError(source, "kernel", "batch_entries and slice_entries must be > 0")
+    k = cfg.keepalived
+    if not 0.01 <= k.advert_int <= 255:
+        raise ConfigError(source, "keepalived.advert_int", "must be 0.01..255 seconds")
+    if k.enabled and any(not n.management_address for n in cfg.nodes):
+        raise ConfigError(source, "keepalived.enabled",
+                          "every node needs a management_address for VRRP")
 
 
 def _check_nat(rule: NatRule, c: ClusterSection, source: str, k: str) -> None:

@@ -170,8 +170,8 @@ def keepalived_argv(conf_path: str, run_dir: str, *, binary: str = "keepalived")
 
 
 def default_fifo_path(cfg: ClusterConfig, node_id: int) -> str:
-    """``/run/lbsync/<cluster>-<node>.vrrp.fifo``."""
-    return str(cfg.runtime_path(node_id, "vrrp.fifo"))
+    """``keepalived.fifo`` from the config, else ``/run/lbsync/<cluster>-<node>.vrrp.fifo``."""
+    return str(cfg.vrrp_fifo(node_id))
 
 
 # --------------------------------------------------------------------------------------------

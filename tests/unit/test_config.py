@@ -60,6 +60,10 @@ def test_example_loads_into_frozen_dataclasses() -> None:
         (lambda d: d["replication"].update(group4="224.0.0.1"), "replication.group4", "239"),
         (lambda d: d["interfaces"].update(outside="x" * 16), "interfaces.outside", "interface"),
         (lambda d: d.update(nodes=[]), "nodes", "at least one"),
+        (lambda d: d.update(keepalived={"advert_int": 0}), "keepalived.advert_int", "0.01..255"),
+        (lambda d: (d.update(keepalived={"enabled": True}),
+                    d["nodes"][0].pop("management_address", None)),
+         "keepalived.enabled", "management_address"),
     ],
 )
 def test_bad_values_name_file_and_key(mutate: Any, key: str, words: str) -> None:
