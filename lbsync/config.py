@@ -438,10 +438,10 @@ def _check_cluster(cfg: ClusterConfig, source: str) -> None:
         raise ConfigError(source, "store.max_entries", "must be > 0")
     if cfg.kernel.batch_entries <= 0 or cfg.kernel.slice_entries <= 0:
         raise ConfigError(source, "kernel", "batch_entries and slice_entries must be > 0")
-    k = cfg.keepalived
-    if not 0.01 <= k.advert_int <= 255:
+    ka = cfg.keepalived
+    if not 0.01 <= ka.advert_int <= 255:
         raise ConfigError(source, "keepalived.advert_int", "must be 0.01..255 seconds")
-    if k.enabled and any(not n.management_address for n in cfg.nodes):
+    if ka.enabled and any(not n.management_address for n in cfg.nodes):
         raise ConfigError(source, "keepalived.enabled",
                           "every node needs a management_address for VRRP")
 
