@@ -4,14 +4,16 @@ Steps, each printed as it happens: build a 3-node lab (nothing changes in the ro
 start a daemon per node, open long-lived TCP and UDP flows through the farm (plain, ingress
 SNAT, DNAT, egress SNAT), kill one node hard (SIGKILL its daemon and take its links down in the
 same instant), watch the survivors claim its buckets, bring the node back (it rejoins empty and
-resyncs before it may own anything), stop the traffic and print a summary; the lab is always
-torn down. Exit status 0 only when every flow survived.
+resyncs before it may own anything), hand its share back by planned handoff (``lbsync
+rebalance``), stop the traffic and print a summary; the lab is always torn down.
+Exit status 0 only when every flow survived.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from typing import Any
@@ -30,6 +32,17 @@ def register(sub: Any) -> None:
     p.add_argument("--victim", type=int, default=2, help="node to kill")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_demo)
+
+
+def _rebalance(lab: Lab, node: int) -> dict[str, Any]:
+    """``lbsync rebalance --json`` run by node ``node``'s operator; its report."""
+    cp = subprocess.run([sys.executable, "-m", "lbsync", "rebalance", "--json", "--config",
+                         str(lab.config_path), "--node-id", str(node)],
+                        capture_output=True, text=True, timeout=120)
+    if cp.returncode != 0:
+        raise LabError(f"rebalance failed: {cp.stderr.strip()[-500:]}")
+    report: dict[str, Any] = json.loads(cp.stdout)
+    return report
 
 
 def _say(msg: str) -> None:
@@ -99,7 +112,15 @@ def _demo(args: argparse.Namespace) -> int:
         back = daemons.wait_for(lambda: (s := daemons.status(lab, victim))["ready"] and s,
                                 30, what="rejoin")
         _say(f"node {victim} ready with {back['store_entries']} standby entries, owning "
-             f"{len(back['forwarding'])} buckets (handback by planned handoff is not built yet)")
+             f"{len(back['forwarding'])} buckets; handing its share back (lbsync rebalance: "
+             "planned handoff, bucket by bucket)")
+        handback = _rebalance(lab, survivors[0])
+        gaps = handback.get("gap_ms") or {}
+        _say(f"handback: {handback['moved']} buckets moved to node {victim} in "
+             f"{handback['batches']} batches, {handback['total_s']} s; forwarding gap per "
+             f"bucket p50 {gaps.get('p50')} ms, max {gaps.get('max')} ms")
+        owned_back = len(daemons.status(lab, victim)["forwarding"])
+        time.sleep(2.0)
         final = traffic.stop()
         traffic = None
         summary = {
@@ -109,6 +130,8 @@ def _demo(args: argparse.Namespace) -> int:
             "errors": final["errors"], "nat_peer_changes": final["nat_peer_changes"],
             "lost": final["flows"] - final["alive"],
             "longest_silence_p99_s": (final.get("longest_silence") or {}).get("p99"),
+            "handback_buckets": handback["moved"], "victim_owns_after_handback": owned_back,
+            "handback_gap_max_ms": gaps.get("max"),
         }
     except LabError as exc:
         _say(f"demo failed: {exc}")

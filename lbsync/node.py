@@ -259,7 +259,23 @@ class Node:
             self.nft.update_marks(OWNED_SET, (), drop)
         return keep
 
+    async def _flush_stale_copies(self) -> None:
+        """At start, before anything is replicated to us: conntrack entries of buckets this
+        node does not own predate this daemon. If the node was cut off meanwhile (links down,
+        then up: a crashed node brought back) their TCP tracking missed packets, and a copy
+        kept because it "already exists" (EEXIST) would drop the flow's packets as invalid once
+        the bucket is handed back. Delete them; the resync injects the owners' state."""
+        table = await self.kernel.requests.dump_all()
+        stale = [ev.key for ev in table if ev.bucket < self.B and ev.bucket not in self.owned]
+        for i in range(0, len(stale), self._slice):
+            await self.kernel.requests.delete(stale[i:i + self._slice])
+            await asyncio.sleep(0)
+        self.c["stale_copies_flushed"] += len(stale)
+        if stale:
+            log.info("node.stale_copies_flushed entries=%d", len(stale))
+
     async def run(self) -> None:
+        await self._flush_stale_copies()
         r = self.cfg.replication
         if r.mode == "multicast":
             self.transport = await open_multicast(

@@ -25,5 +25,8 @@ def test_demo_survives_node_death_and_cleans_up() -> None:
     assert summary["lost"] == 0 and summary["resets"] == 0
     assert summary["nat_peer_changes"] == 0
     assert summary["buckets_moved"] > 0
+    # the handback: the rejoined node gets its share back by planned handoff, nobody lost
+    assert summary["handback_buckets"] > 0
+    assert summary["victim_owns_after_handback"] == summary["handback_buckets"]
     assert "claimed" in cp.stdout and "tearing the lab down" in cp.stdout
     assert not leftover_namespaces(name)
