@@ -54,6 +54,9 @@ def register(sub: Any) -> None:
                     metavar="B", help="bucket count (default %(default)s)")
     up.add_argument("--daemons", action="store_true",
                     help="start lbsyncd in every node namespace (generated key ring)")
+    up.add_argument("--keepalived", action="store_true",
+                    help="with --daemons: also run keepalived per node as lbsync's second "
+                         "failure signal ([keepalived] enabled, advert_int 0.1)")
     up.add_argument("--mode", choices=("active", "vrrp"), default="active",
                     help="active: the lbsync farm (default); vrrp: the incumbent, 2 nodes, "
                          "keepalived + conntrackd FTFW")
@@ -97,6 +100,8 @@ def _up(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     if args.mode == "vrrp":
         return _up_vrrp(args)
+    if args.keepalived and not args.daemons:
+        raise UsageError("lab up --keepalived needs --daemons (keepalived signals lbsyncd)")
     try:
         lab = Lab.create(args.name, args.nodes, ipv6=args.ipv6, buckets=args.buckets)
     except LabError as exc:
@@ -105,8 +110,7 @@ def _up(args: argparse.Namespace) -> int:
         from lbsync.lab import daemons
 
         try:
-            daemons.start_daemons(lab)
-            daemons.wait_ready(lab, timeout=30)
+            daemons.up(lab, keepalived=args.keepalived, timeout=30)
         except BaseException as exc:
             lab.destroy()
             if isinstance(exc, LabError):
@@ -123,17 +127,18 @@ def _up(args: argparse.Namespace) -> int:
           f"VIPs {a.outside_vip} / {a.inside_vip}")
     for i in lab.node_ids:
         print(f"  node {i}: {lab.node_ns(i)}, owns {len(lab.split[i])} buckets"
-              + (", lbsyncd running" if args.daemons else ""))
+              + (", lbsyncd running" if args.daemons else "")
+              + (" with keepalived" if args.keepalived else ""))
     print(f"  config {lab.config_path}; try: lbsync lab traffic --name {lab.prefix} "
           f"--tcp 10 --udp 10 --duration 3")
     return 0
 
 
 def _up_vrrp(args: argparse.Namespace) -> int:
-    if args.daemons or args.ipv6 or args.nodes not in (2, farm.DEFAULT_NODES) \
+    if args.daemons or args.keepalived or args.ipv6 or args.nodes not in (2, farm.DEFAULT_NODES) \
             or args.buckets != farm.DEFAULT_BUCKETS:
         raise UsageError("lab up --mode vrrp: the incumbent lab is 2 IPv4 nodes "
-                         "(no --daemons, --ipv6, --nodes or --buckets)")
+                         "(no --daemons, --keepalived, --ipv6, --nodes or --buckets)")
     if not args.advert_int > 0:
         raise UsageError(f"--advert-int must be > 0, not {args.advert_int}")
     from lbsync.lab import incumbent

@@ -7,7 +7,17 @@ cluster is named after its prefix, so labs never collide); :func:`remove_runtime
 those of a lab, as ``lab down`` does.
 
 Failure tools for tests and drills: :func:`kill_daemon` (SIGKILL, optionally taking the node's
-links down in the same step), :func:`links` (down/up), :func:`stop_daemon` (SIGTERM, planned).
+links down in the same step), :func:`links` (down/up), :func:`stop_daemon` (SIGTERM, planned),
+:func:`kill_node` (keepalived too: the whole node dies).
+
+keepalived (issue 9): :func:`up` with ``keepalived=True`` (``lbsync lab up --daemons
+--keepalived``) adds ``[keepalived] enabled = true`` to the lab's cluster file before the daemons
+start, then runs one keepalived per node in the node's namespace (VRRP only, foreground, its
+configuration rendered by :func:`lbsync.keepalived.render_keepalived_conf` with the cluster's
+``advert_int`` and each node's ``vrrp_fifo``; files in ``<lab>/keepalived/n<i>/``), and waits
+until every node is MASTER of its own instance only. Killing a node kills keepalived's VRRP child
+first: killed after its parent, the child would send a priority-0 advert (a graceful handover,
+not a crash; docs/keepalived.md).
 """
 
 from __future__ import annotations
@@ -23,12 +33,14 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lbsync.config import RUN_DIR
+from lbsync.config import RUN_DIR, load_cluster
 from lbsync.control import ControlError, call
-from lbsync.lab.farm import Lab, LabError, ns_argv
+from lbsync.lab.farm import Lab, LabError, netns_pids, ns_argv
 
 KEY_FILE = "cluster.key"
 STATE_SUBDIR = "state"
+KEEPALIVED_SUBDIR = "keepalived"
+KEEPALIVED_ADVERT_INT = 0.1
 
 
 def write_keyring(lab: Lab) -> Path:
@@ -190,8 +202,184 @@ def _wait_gone(pid: int, timeout: float = 10.0) -> None:
 
 
 def remove_runtime_files(prefix: str) -> None:
-    """The lab daemons' control sockets and lock files (left behind by SIGKILL)."""
+    """The lab daemons' control sockets and lock files (left behind by SIGKILL), and the
+    keepalived notify FIFOs (``<prefix>-<i>.vrrp.fifo``)."""
     for p in RUN_DIR.glob(f"{prefix}-*"):
-        if p.suffix in (".sock", ".lock") and (p.is_file() or p.is_socket()):
+        runtime = p.suffix in (".sock", ".lock") and (p.is_file() or p.is_socket())
+        fifo = p.name.endswith(".vrrp.fifo") and p.is_fifo()
+        if runtime or fifo:
             with contextlib.suppress(OSError):
                 p.unlink()
+
+
+# --------------------------------------------------------------------------------------------
+# The whole farm: daemons (and keepalived) started and ready
+
+
+def up(lab: Lab, *, keepalived: bool = False, advert_int: float = KEEPALIVED_ADVERT_INT,
+       timeout: float = 30.0, nodes: Iterable[int] | None = None,
+       env: dict[str, str] | None = None) -> None:
+    """Start lbsyncd on every node (``nodes``) and, with ``keepalived``, one keepalived per
+    node as lbsync's second failure signal; return when the daemons are ready, every bucket is
+    owned once and (with keepalived) every node is MASTER of its own VRRP instance only.
+    Raises LabError on timeout (the caller tears the lab down)."""
+    ids = tuple(nodes if nodes is not None else lab.node_ids)
+    if keepalived:
+        enable_keepalived(lab, advert_int=advert_int)
+    start_daemons(lab, nodes=ids, env=env)
+    if keepalived:
+        for i in ids:
+            start_keepalived(lab, i)
+    wait_ready(lab, ids, timeout=timeout)
+    if keepalived:
+        wait_vrrp_steady(lab, ids, timeout=timeout)
+
+
+# --------------------------------------------------------------------------------------------
+# keepalived per node
+
+
+def enable_keepalived(lab: Lab, *, advert_int: float = KEEPALIVED_ADVERT_INT) -> None:
+    """Append ``[keepalived] enabled = true`` (and ``advert_int``) to the lab's cluster file and
+    reload ``lab.cluster_config``; before the daemons start. A no-op when already enabled."""
+    if lab.cluster_config.keepalived.enabled:
+        return
+    with open(lab.config_path, "a") as f:
+        f.write(f"\n[keepalived]\nenabled = true\nadvert_int = {float(advert_int)!r}\n")
+    lab.cluster_config = load_cluster(lab.config_path)
+
+
+def keepalived_dir(lab: Lab, node_id: int) -> Path:
+    """Node ``node_id``'s keepalived files: keepalived.conf, keepalived.log, pid files."""
+    return lab.directory / KEEPALIVED_SUBDIR / f"n{node_id}"
+
+
+def write_keepalived_conf(lab: Lab, node_id: int) -> Path:
+    """Render node ``node_id``'s keepalived.conf from the lab's cluster file."""
+    from lbsync.keepalived import render_keepalived_conf
+
+    cfg = lab.cluster_config
+    d = keepalived_dir(lab, node_id)
+    d.mkdir(parents=True, exist_ok=True)
+    conf = d / "keepalived.conf"
+    conf.write_text(render_keepalived_conf(cfg, node_id, advert_int=cfg.keepalived.advert_int,
+                                           fifo_path=str(cfg.vrrp_fifo(node_id)),
+                                           run_dir=str(d)))
+    return conf
+
+
+def start_keepalived(lab: Lab, node_id: int) -> subprocess.Popen[bytes]:
+    """Run keepalived (VRRP only, foreground) in node ``node_id``'s namespace; its output is
+    appended to ``keepalived.log``. The token addresses live on ``lo``, which keepalived
+    tracks: it is brought up first (the lab does, but a test may have taken it down)."""
+    from lbsync.keepalived import keepalived_argv
+
+    if not lab.cluster_config.keepalived.enabled:
+        raise LabError("keepalived is not enabled in the lab's cluster file "
+                       "(daemons.enable_keepalived before the daemons start)")
+    conf = write_keepalived_conf(lab, node_id)
+    d = conf.parent
+    for name in ("keepalived.pid", "keepalived-vrrp.pid", "keepalived-checkers.pid"):
+        with contextlib.suppress(FileNotFoundError):
+            (d / name).unlink()
+    ns = lab.node_ns(node_id)
+    subprocess.run(ns_argv(ns, ["ip", "link", "set", "lo", "up"]), check=True,
+                   capture_output=True)
+    out = open(d / "keepalived.log", "ab")  # noqa: SIM115 - handed to the child
+    try:
+        return subprocess.Popen(ns_argv(ns, keepalived_argv(str(conf), str(d))),
+                                stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    finally:
+        out.close()
+
+
+def keepalived_pids(lab: Lab, node_id: int) -> tuple[int | None, list[int]]:
+    """(the VRRP child's pid from its pid file, every keepalived process in the namespace)."""
+    ns = lab.node_ns(node_id)
+    pids = []
+    for pid in netns_pids([ns]).get(ns, []):
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "keepalived":
+                pids.append(pid)
+        except OSError:
+            continue
+    try:
+        child: int | None = int(
+            (keepalived_dir(lab, node_id) / "keepalived-vrrp.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        child = None
+    return (child if child in pids else None), pids
+
+
+def kill_keepalived(lab: Lab, node_id: int, *, wait: bool = True) -> list[int]:
+    """SIGKILL node ``node_id``'s keepalived, the VRRP child first (a child outliving its
+    parent's SIGKILL by a moment sends a priority-0 advert: a graceful handover that would
+    make the crash look planned). Returns the pids killed."""
+    child, pids = keepalived_pids(lab, node_id)
+    order = ([child] if child is not None else []) + [p for p in pids if p != child]
+    for pid in order:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    if wait:
+        for pid in order:
+            _wait_gone(pid)
+    return order
+
+
+def stop_keepalived(lab: Lab, node_id: int, timeout: float = 10.0) -> None:
+    """Graceful stop (SIGTERM to the parent): keepalived sends priority-0 adverts, its peers
+    take its instance at once, and the node's daemon reads STOP (``VrrpSignalLost``)."""
+    child, pids = keepalived_pids(lab, node_id)
+    for pid in [p for p in pids if p != child]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    for pid in pids:
+        _wait_gone(pid, timeout)
+
+
+def kill_node(lab: Lab, node_id: int, *, links_down: bool = True) -> float:
+    """Crash node ``node_id``: SIGKILL keepalived's VRRP child, keepalived and the daemon, and
+    (``links_down``) take its links down in the same step. Returns t0 (``time.monotonic()``
+    just before the first kill)."""
+    child, ka = keepalived_pids(lab, node_id)
+    pids = ([child] if child is not None else []) + [p for p in ka if p != child]
+    pids += daemon_pids(lab, node_id)
+    batch = "".join(f"link set {lab.ifaces[r]} down\n"
+                    for r in ("outside", "inside", "replication", "management"))
+    t0 = time.monotonic()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    if links_down:
+        subprocess.run(ns_argv(lab.node_ns(node_id), ["ip", "-batch", "-"]), input=batch,
+                       text=True, check=True, capture_output=True)
+    for pid in pids:
+        _wait_gone(pid)
+    return t0
+
+
+def vrrp_states(lab: Lab, node_id: int) -> dict[str, str]:
+    """instance -> state as node ``node_id``'s daemon last read it from keepalived."""
+    st = status(lab, node_id)
+    vrrp = st.get("vrrp") or {}
+    return dict((vrrp.get("interpreter") or {}).get("states") or {})
+
+
+def wait_vrrp_steady(lab: Lab, nodes: Iterable[int] | None = None,
+                     timeout: float = 20.0) -> None:
+    """Until every given node's daemon has read from keepalived that it is MASTER of its own
+    instance and BACKUP of every other given node's."""
+    from lbsync.keepalived import instance_name
+
+    ids = tuple(nodes if nodes is not None else lab.node_ids)
+
+    def ok() -> bool:
+        for i in ids:
+            states = vrrp_states(lab, i)
+            for j in ids:
+                if states.get(instance_name(j)) != ("MASTER" if i == j else "BACKUP"):
+                    return False
+        return True
+
+    wait_for(ok, timeout, what=f"keepalived on {ids}: each node MASTER of its own instance")

@@ -401,19 +401,22 @@ __all__ = ["LOCAL_STATUS", "Comparison", "DestroyWatcher", "Disappearance", "com
 # -- the daemon lab both acceptance modules share --------------------------------------------
 
 
-def daemon_lab(lab_factory: Callable[..., Lab], sysctls: Iterable[str]) -> Iterator[Lab]:
+def daemon_lab(lab_factory: Callable[..., Lab], sysctls: Iterable[str], *,
+               keepalived: bool = False) -> Iterator[Lab]:
     """A 3-node lab (B = 64) with ``sysctls`` in every node namespace and a ready daemon per
-    node; the daemons are killed and their runtime files removed afterwards (the lab itself is
-    torn down by ``lab_factory``)."""
+    node (with ``keepalived``: and keepalived per node, each MASTER of its own instance); the
+    daemons (and keepalived) are killed and their runtime files removed afterwards (the lab
+    itself is torn down by ``lab_factory``)."""
     lab = lab_factory(3, buckets=64)
     try:
         for i in lab.node_ids:
             lab.exec(lab.node_ns(i), ["sysctl", "-q", "-w", *sysctls], check=True)
-        daemons.start_daemons(lab)
-        daemons.wait_ready(lab, timeout=30)
+        daemons.up(lab, keepalived=keepalived, timeout=30)
         yield lab
     finally:
         for i in lab.node_ids:
+            with contextlib.suppress(Exception):
+                daemons.kill_keepalived(lab, i)
             with contextlib.suppress(Exception):
                 daemons.kill_daemon(lab, i)
         daemons.remove_runtime_files(lab.prefix)
