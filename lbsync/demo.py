@@ -34,6 +34,43 @@ def register(sub: Any) -> None:
     p.set_defaults(func=_demo)
 
 
+def _table(headers: list[str], rows: list[list[Any]]) -> list[str]:
+    cells = [headers, *[["-" if c is None else str(c) for c in r] for r in rows]]
+    widths = [max(len(r[k]) for r in cells) for k in range(len(headers))]
+    out = ["  " + "  ".join(c.rjust(w) if k else c.ljust(w)
+                            for k, (c, w) in enumerate(zip(r, widths, strict=True)))
+           for r in cells]
+    out.insert(1, "  " + "  ".join("-" * w for w in widths))
+    return out
+
+
+def render_summary(s: dict[str, Any]) -> str:
+    """The summary tables printed at the end of the demo."""
+    lines = ["", "summary: buckets forwarded per node"]
+    rows = []
+    for i, r in sorted(s.get("per_node", {}).items(), key=lambda kv: int(kv[0])):
+        rows.append([f"node {i}" + (" (killed)" if int(i) == s["victim"] else ""),
+                     r.get("start"), r.get("after_kill"), r.get("claimed"),
+                     r.get("after_handback"), r.get("standby")])
+    lines += _table(["node", "start", "after kill", "claimed", "after handback",
+                     "standby entries"], rows)
+    lines += ["", "summary: what the flows saw"]
+    lines += _table(["measure", "value"], [
+        ["flows (TCP + UDP)", s["flows"]],
+        ["alive at the end", s["alive"]],
+        ["lost", s["lost"]],
+        ["resets", s["resets"]],
+        ["errors", s["errors"]],
+        ["NAT peer changes", s["nat_peer_changes"]],
+        ["buckets moved by the takeover", s["buckets_moved"]],
+        ["last claim after the kill (ms)", s["claim_after_kill_ms"]],
+        ["longest silence per flow, p99 (s)", s["longest_silence_p99_s"]],
+        ["buckets handed back", s["handback_buckets"]],
+        ["handback gap per bucket, max (ms)", s["handback_gap_max_ms"]],
+    ])
+    return "\n".join(lines)
+
+
 def _rebalance(lab: Lab, node: int) -> dict[str, Any]:
     """``lbsync rebalance --json`` run by node ``node``'s operator; its report."""
     cp = subprocess.run([sys.executable, "-m", "lbsync", "rebalance", "--json", "--config",
@@ -68,6 +105,7 @@ def _demo(args: argparse.Namespace) -> int:
         daemons.start_daemons(lab)
         daemons.wait_ready(lab, timeout=30)
         owners = {i: len(daemons.status(lab, i)["forwarding"]) for i in lab.node_ids}
+        per_node: dict[int, dict[str, Any]] = {i: {"start": n} for i, n in owners.items()}
         _say("farm ready; buckets per node: "
              + ", ".join(f"n{i}={n}" for i, n in owners.items()))
         _say(f"opening {args.tcp} TCP connections and {args.udp} UDP flows through the farm")
@@ -103,6 +141,12 @@ def _demo(args: argparse.Namespace) -> int:
                  f"claim {r['claim_s'] * 1000:.1f} ms)")
         _say(f"all of node {victim}'s buckets claimed {t_claim * 1000:.0f} ms after the kill")
         time.sleep(3.0)
+        for i in lab.node_ids:
+            per_node[i]["after_kill"] = (len(daemons.status(lab, i)["forwarding"])
+                                         if i != victim else None)
+        for r in recs:
+            node = next(i for i in survivors if r in daemons.status(lab, i)["takeovers"])
+            per_node[node]["claimed"] = r["claimed"]
         after = traffic.snapshot()
         _say(f"flows alive after the kill: {after['alive']}/{after['flows']}, "
              f"resets {after['resets']}, NAT peer changes {after['nat_peer_changes']}")
@@ -120,6 +164,10 @@ def _demo(args: argparse.Namespace) -> int:
              f"{handback['batches']} batches, {handback['total_s']} s; forwarding gap per "
              f"bucket p50 {gaps.get('p50')} ms, max {gaps.get('max')} ms")
         owned_back = len(daemons.status(lab, victim)["forwarding"])
+        for i in lab.node_ids:
+            st = daemons.status(lab, i)
+            per_node[i]["after_handback"] = len(st["forwarding"])
+            per_node[i]["standby"] = st["store_entries"]
         time.sleep(2.0)
         final = traffic.stop()
         traffic = None
@@ -132,6 +180,7 @@ def _demo(args: argparse.Namespace) -> int:
             "longest_silence_p99_s": (final.get("longest_silence") or {}).get("p99"),
             "handback_buckets": handback["moved"], "victim_owns_after_handback": owned_back,
             "handback_gap_max_ms": gaps.get("max"),
+            "per_node": {str(i): row for i, row in per_node.items()},
         }
     except LabError as exc:
         _say(f"demo failed: {exc}")
@@ -146,9 +195,7 @@ def _demo(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, sort_keys=True))
     else:
-        print("\nsummary")
-        for k, v in summary.items():
-            print(f"  {k:24} {v}")
+        print(render_summary(summary))
     ok = summary.get("lost") == 0 and summary.get("resets") == 0
     print("\nresult: every connection survived" if ok else "\nresult: connections were lost",
           file=sys.stdout if ok else sys.stderr)

@@ -28,5 +28,9 @@ def test_demo_survives_node_death_and_cleans_up() -> None:
     # the handback: the rejoined node gets its share back by planned handoff, nobody lost
     assert summary["handback_buckets"] > 0
     assert summary["victim_owns_after_handback"] == summary["handback_buckets"]
+    rows = summary["per_node"]
+    assert sum(r["start"] for r in rows.values()) == 64
+    assert sum(r["after_handback"] for r in rows.values()) == 64
+    assert all(r["standby"] == 450 for r in rows.values())
     assert "claimed" in cp.stdout and "tearing the lab down" in cp.stdout
     assert not leftover_namespaces(name)
