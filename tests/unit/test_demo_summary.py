@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import pytest
-
 from lbsync.demo import render_summary
-
-pytestmark = pytest.mark.unit
 
 
 def test_summary_tables_rows_and_alignment() -> None:
