@@ -15,7 +15,7 @@ def test_summary_tables_rows_and_alignment() -> None:
                             "standby": 450}}}
     text = render_summary(s)
     lines = text.splitlines()
-    node_rows = [ln for ln in lines if ln.lstrip().startswith("node ")]
+    node_rows = [ln for ln in lines if ln.lstrip().startswith(("node 1", "node 2"))]
     assert len(node_rows) == 2
     assert "node 2 (killed)" in node_rows[1] and " - " in node_rows[1]
     header = next(ln for ln in lines if "after handback" in ln)
