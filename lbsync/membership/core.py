@@ -47,6 +47,18 @@ Rules (docs/membership.md explains them at length):
    while its leave grace runs, otherwise it is declared lost and must release. A node that
    ``leave()``s announces a grace: peers do not declare it before the grace ends, and its lease
    (hence its kernel ``@owned`` timeouts) extends to the grace only as far as peers echoed it.
+3b. **keepalived's verdict** (``vrrp_verdict``; docs/keepalived.md). When this node's keepalived
+   took over peer X's VRRP instance (X stopped advertising on the management link), rule 3
+   applies to X with T_fence instead of T_dead: this node's own silence from X, and every
+   other live voter's report, need only reach T_fence (or say lost). Nothing else changes:
+   grace, incarnations, the sticky declaration, the majority for a claim. Safe because every
+   lease this node gave X ends by ``last_heard(X) + T_fence`` (X's lease counts X's own send
+   times of heartbeats this node echoed, all sent before it last heard X); T_dead - T_fence
+   is margin against false declarations, not a safety term. Only X's first live successor
+   gets the verdict, so with ``vrrp=True`` (the cluster runs keepalived) a node that sees a
+   live voter's report declaring X's incarnation lost applies T_fence to X as well, on its
+   own silence and its own lease book. A verdict with X's heartbeats still arriving removes
+   nobody. ``vrrp_verdict(X, dead=False)`` (X advertises again) withdraws it.
 8. **Voters.** Majorities are counted over the configured nodes plus the witness, less the
    nodes a majority declared dead that the agreed map no longer holds, dropped one at a time
    (never below two voters): old and new majorities always intersect, and a dropped node can
@@ -265,7 +277,15 @@ class MembershipStatistics:
     claims_refused: int
     events_dropped: int
     datagrams_dropped: int
+    vrrp_verdicts: int
+    """keepalived verdicts received (a peer stopped advertising; rule 3b)."""
+    vrrp_verdicts_withdrawn: int
+    peers_lost_by_vrrp: int
+    """Declarations before T_dead of silence, made on this node's own keepalived verdict."""
+    peers_lost_following: int
+    """Declarations before T_dead of silence, following a voter's declaration (rule 3b)."""
     takeover_records: tuple[TakeoverRecord, ...]
+    vrrp_dead: tuple[int, ...] = ()
 
 
 # ------------------------------------------------------------------------------------------
@@ -350,7 +370,7 @@ class Membership:
         rng: random.Random, now: float, incarnation: int, witness: int | None = None,
         role: Literal["node", "witness"] = "node", resume_owned: Iterable[int] = (),
         weight: int = 1, ready: bool = False,
-        new_incarnation: Callable[[int], int] | None = None,
+        new_incarnation: Callable[[int], int] | None = None, vrrp: bool = False,
     ) -> None:
         node_ids = tuple(sorted(set(nodes)))
         if not 1 <= node_id <= MAX_NODE_ID:
@@ -416,11 +436,17 @@ class Membership:
         self._map_mine: frozenset[int] = frozenset()
         self._map_nodes: frozenset[int] = frozenset()
         self._pending_retry_at = -math.inf
+        # Rule 3b: peers keepalived says stopped advertising; whether to follow a voter's
+        # declaration at T_fence (the cluster runs keepalived).
+        self.vrrp = vrrp
+        self._vrrp_dead: set[int] = set()
         self._c: dict[str, int] = dict.fromkeys(
             ("heartbeats_sent", "heartbeats_received", "heartbeats_stale",
              "messages_from_strangers", "bitmap_errors", "peers_lost", "fences", "stalls",
              "releases", "takeovers", "maps_adopted", "map_requests_sent",
-             "lost_reports_ignored", "claims_refused", "events_dropped", "datagrams_dropped"), 0)
+             "lost_reports_ignored", "claims_refused", "events_dropped", "datagrams_dropped",
+             "vrrp_verdicts", "vrrp_verdicts_withdrawn", "peers_lost_by_vrrp",
+             "peers_lost_following"), 0)
         for b in self._owned:
             if not 0 <= b < buckets:
                 raise MembershipError(f"resumed bucket {b} out of range")
@@ -638,6 +664,25 @@ class Membership:
         self._tick(now)
         self._update(now)
 
+    def vrrp_verdict(self, peer: int, dead: bool, now: float) -> None:
+        """keepalived on this node took over ``peer``'s VRRP instance (``dead``: the peer
+        stopped advertising) or gave it back (``dead=False``): rule 3b. Idempotent."""
+        self._tick(now)
+        if peer == self.node_id or peer not in self._peers or peer not in self.nodes:
+            raise MembershipError(f"vrrp_verdict: {peer} is not a peer node")
+        if dead and peer not in self._vrrp_dead:
+            self._vrrp_dead.add(peer)
+            self._c["vrrp_verdicts"] += 1
+        elif not dead and peer in self._vrrp_dead:
+            self._vrrp_dead.discard(peer)
+            self._c["vrrp_verdicts_withdrawn"] += 1
+        self._update(now)
+
+    @property
+    def vrrp_dead(self) -> frozenset[int]:
+        """Peers keepalived currently says stopped advertising (rule 3b)."""
+        return frozenset(self._vrrp_dead)
+
     # -------------------------------------------------------------- internals: input
 
     def _tick(self, now: float) -> None:
@@ -795,9 +840,27 @@ class Membership:
                 if p.state in (PeerState.ALIVE, PeerState.LEAVING)
                 and now - p.last_heard < self.timing.dead]
 
+    def _following(self, p: _Peer) -> bool:
+        """Rule 3b, second half: a live voter's report declares ``p``'s incarnation lost."""
+        for v in self._peers.values():
+            if v is p or v.state not in (PeerState.ALIVE, PeerState.LEAVING) \
+                    or v.node_id not in self._voters:
+                continue
+            r = v.reports.get(p.node_id)
+            if r is not None and p.incarnation and r.lost_incarnation >= p.incarnation:
+                return True
+        return False
+
+    def _silence_needed(self, p: _Peer) -> float:
+        """Rule 3's silence threshold for ``p``: T_dead, or T_fence under rule 3b."""
+        if p.node_id in self._vrrp_dead or (self.vrrp and self._following(p)):
+            return self.timing.fence
+        return self.timing.dead
+
     def _declare_at(self, p: _Peer) -> float:
         """Earliest instant rule 3 can hold for ``p`` as far as times go."""
-        t = max(p.last_heard + self.timing.dead, p.grace_until)
+        need = self._silence_needed(p)
+        t = max(p.last_heard + need, p.grace_until)
         if p.last_heard == -math.inf:
             return math.inf  # never heard: nothing to declare
         for v in self._peers.values():
@@ -808,9 +871,9 @@ class Membership:
                 continue
             if r.incarnation > p.incarnation:
                 return math.inf
-            # v's report, extrapolated, reaches T_dead then (v drops out of the live set at
-            # v.last_heard + dead at the latest, since age_ms >= 0).
-            t = max(t, v.last_heard + self.timing.dead - r.age_ms / 1000.0)
+            # v's report, extrapolated, reaches the threshold then (v drops out of the live
+            # set at v.last_heard + dead at the latest, since age_ms >= 0).
+            t = max(t, v.last_heard + need - r.age_ms / 1000.0)
         return t
 
     def _maybe_declare(self, now: float) -> None:
@@ -820,7 +883,8 @@ class Membership:
         for p in self._peers.values():
             if p.state not in (PeerState.ALIVE, PeerState.LEAVING) or p.last_heard == -math.inf:
                 continue
-            if now - p.last_heard < self.timing.dead or now < p.grace_until:
+            need = self._silence_needed(p)
+            if now - p.last_heard < need or now < p.grace_until:
                 continue
             silent = True
             for v in live:
@@ -832,10 +896,14 @@ class Membership:
                 if r.incarnation > p.incarnation:
                     silent = False
                     break
-                if r.age_ms / 1000.0 + (now - v.last_heard) < self.timing.dead:
+                if r.age_ms / 1000.0 + (now - v.last_heard) < need:
                     silent = False
                     break
             if silent:
+                if now - p.last_heard < self.timing.dead:
+                    # only the lowered threshold of rule 3b declared it this early
+                    self._c["peers_lost_by_vrrp" if p.node_id in self._vrrp_dead
+                            else "peers_lost_following"] += 1
                 self._declare(p, now, p.incarnation)
 
     def _declare(self, p: _Peer, now: float, incarnation: int) -> None:
@@ -1158,4 +1226,5 @@ class Membership:
             voters=len(self.voters), map_epoch=m.epoch if m else 0,
             map_proposer=m.proposer if m else 0, owned=len(self._owned),
             pending_claims=len(self._pending), peers=peers,
-            takeover_records=tuple(self._records), **self._c)
+            takeover_records=tuple(self._records), vrrp_dead=tuple(sorted(self._vrrp_dead)),
+            **self._c)
