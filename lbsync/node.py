@@ -203,7 +203,8 @@ class Node:
                              timing=Timing.from_config(self.cfg.membership),
                              rng=random.Random(), now=now, incarnation=self.incarnation,
                              resume_owned=resume, weight=self.me.weight, ready=False,
-                             new_incarnation=lambda _cur: self.state.next_incarnation())
+                             new_incarnation=lambda _cur: self.state.next_incarnation(),
+                             vrrp=self.cfg.keepalived.enabled)
         # Entries per slice of kernel work (events, injections): a slice must stay well under
         # the stall threshold on a loaded node (~40-70k entries/s: 10k per second of stall
         # budget is about a quarter of it), else bulk work fences the node.
@@ -752,6 +753,8 @@ class Node:
             "replication": _plain(self.ep.statistics()),
             "kernel": _plain(self.kernel.statistics()),
             "takeovers": [_plain(t) for t in self.takeovers],
+            # keepalived's signal (lbsync.ops.Ops runs it when [keepalived] enabled)
+            "vrrp": ops.vrrp_statistics() if (ops := getattr(self, "ops", None)) else None,
         }
 
     def control_handlers(self) -> Mapping[str, Callable[[Mapping[str, Any]], Awaitable[Any]]]:

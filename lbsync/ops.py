@@ -32,6 +32,16 @@ Handlers (``{name: async handler(args)}``, merged into the daemon's control sock
   announce. The forwarding gap is take's commit minus seal's commit.
 - ``set-local``: drained flag and weight of this node, persisted in the state directory
   (``<state>/<cluster>-<id>.operator``, read again at start) and announced in heartbeats.
+- ``notify`` (with ``[keepalived] enabled``): ``lbsync notify INSTANCE STATE`` from keepalived
+  notify scripts, into the same interpreter as the FIFO.
+
+Link failure (outside or inside down, replication up): the node hands every bucket off
+(:meth:`Ops._hand_off_everything`). Two sources: keepalived's own instance going FAULT
+(``VrrpOwnLinkFailed``, through :class:`lbsync.vrrp_adapter.VrrpSignal`) and a poll of the
+links every LINK_CHECK_INTERVAL. With keepalived enabled and reporting, the poll acts only on a
+link down for LINK_POLL_FALLBACK without a FAULT (keepalived dead or not tracking it); the
+links count as recovered when neither source says failed. keepalived's verdicts on peers go to
+membership (``vrrp_verdict``, rule 3b of :mod:`lbsync.membership.core`).
 
 The handoff halves change membership's actual ownership through ``handoff_release`` /
 ``handoff_claimed``; the orchestration (what moves when) is the caller's: docs/operations.md.
@@ -59,6 +69,10 @@ SEAL_DRAIN = 0.005  # lets conntrack events already read for sealed buckets be r
 TAKE_WAIT = 2.0  # at most this long for the old owner's stream to reach the seal
 HANDOFF_HISTORY = 64
 LINK_CHECK_INTERVAL = 0.1
+# With keepalived reading the links (track_interface, a netlink event: FAULT within ~10 ms),
+# the poll is the fallback: it hands off only for a link down this long without a FAULT.
+LINK_POLL_FALLBACK = 0.5
+LINK_EVENT_HISTORY = 16
 _SIOCGIFFLAGS = 0x8913
 _IFF_UP = 0x1
 _IFF_RUNNING = 0x40
@@ -205,11 +219,61 @@ class Ops:
         node.ops = self  # the metrics exporter reads statistics() through the node
         self.link_down: frozenset[str] = frozenset()
         self.link_handoffs = 0
+        self.link_failed = False    # the buckets were handed off for a link failure
+        self.link_events: deque[dict[str, Any]] = deque(maxlen=LINK_EVENT_HISTORY)
+        self._link_counts = {"link_handoffs_vrrp": 0, "link_handoffs_poll": 0,
+                             "link_recoveries": 0}
+        self._poll_down_since: float | None = None
         self._operator_drained = bool(node.ms.drained)
         self._seen_up: set[str] = set()
         self._refreshing = False
+        self.vrrp: Any = None
+        self.vrrp_fault = False
+        self.vrrp_signal_losses = 0
         if getattr(node, "loop", None) is not None:
+            self._start_vrrp()
             self._schedule_link_check()
+
+    # ---------------------------------------------------------------- keepalived
+
+    def _start_vrrp(self) -> None:
+        """With ``[keepalived] enabled``: read the node's notify FIFO (docs/keepalived.md)."""
+        cfg = self.node.cfg
+        if not cfg.keepalived.enabled:
+            return
+        from lbsync.vrrp_adapter import VrrpSignal
+
+        self.vrrp = VrrpSignal(self_id=self.node.node_id, node_ids=cfg.node_ids,
+                               fifo=cfg.vrrp_fifo(self.node.node_id), sink=self,
+                               loop=self.node.loop)
+        self.vrrp.start()
+
+    def _vrrp_reporting(self) -> bool:
+        return self.vrrp is not None and bool(self.vrrp.reporting)
+
+    def vrrp_peer_verdict(self, peer: int, dead: bool) -> None:
+        """keepalived took ``peer``'s instance over (or gave it back): rule 3b."""
+        node = self.node
+        node.ms.vrrp_verdict(peer, dead, node.loop.time())
+        node._membership_changed()
+
+    def vrrp_own_link(self, failed: bool) -> None:
+        """This node's own VRRP instance entered (left) FAULT."""
+        self.vrrp_fault = failed
+        self._apply_link_state("vrrp")
+
+    def vrrp_signal_lost(self, reason: str) -> None:
+        """keepalived stopped or closed the FIFO: its verdicts are stale (back to T_dead) and
+        the link poll is the only link signal until keepalived reports again."""
+        self.vrrp_signal_losses += 1
+        node = self.node
+        now = node.loop.time()
+        for peer in node.ms.vrrp_dead:
+            node.ms.vrrp_verdict(peer, False, now)
+        node._membership_changed()
+        if self.vrrp_fault:
+            self.vrrp_fault = False
+            self._apply_link_state("vrrp")
 
     # ---------------------------------------------------------------- link failure
 
@@ -219,38 +283,63 @@ class Ops:
     def _check_links(self) -> None:
         """Outside or inside link down (replication still up): this node cannot forward its
         buckets, so it leaves them to the others instead of black-holing them (see
-        :meth:`_hand_off_everything`). Polled every LINK_CHECK_INTERVAL."""
+        :meth:`_hand_off_everything`). Polled every LINK_CHECK_INTERVAL; with keepalived
+        reporting, the poll is the fallback (LINK_POLL_FALLBACK)."""
         node = self.node
         try:
             if node.stopping:
+                if self.vrrp is not None:
+                    self.vrrp.close()
                 return
             ifs = node.cfg.interfaces
             # only a link seen up before counts as failed (a host without it is not a failure)
             state = {n: link_up(n) for n in (ifs.outside, ifs.inside)}
             self._seen_up.update(n for n, up in state.items() if up)
             down = frozenset(n for n, up in state.items() if not up and n in self._seen_up)
-            if down and not self.link_down:
-                log.warning("ops.link_down ifaces=%s owned=%d", ",".join(sorted(down)),
-                            len(node.owned))
-                self.link_down = down
-                self._hand_off_everything()
-            elif not down and self.link_down:
-                log.warning("ops.link_up ifaces=%s", ",".join(sorted(self.link_down)))
-                self.link_down = down
-                self._refreshing = self._refresh_kernel_copies()
-            elif self._refreshing and not node._to_inject and not node._to_delete:
+            if down != self.link_down:
+                log.warning("ops.link_%s ifaces=%s owned=%d", "down" if down else "up",
+                            ",".join(sorted(down or self.link_down)), len(node.owned))
+                self._poll_down_since = node.loop.time() if down else None
+            self.link_down = down
+            self._apply_link_state("poll")
+            if self._refreshing and not self.link_failed and not node._to_inject \
+                    and not node._to_delete:
                 # copies rebuilt from the store: this node may own buckets again
                 self._refreshing = False
                 node.ms.set_local(node.loop.time(), drained=self._operator_drained)
                 node._membership_changed()
                 log.warning("ops.link_recovered drained=%s", self._operator_drained)
-            else:
-                self.link_down = down
         except Exception as exc:  # the watch must keep running
             log.error("ops.link_check_failed error=%r", exc)
         finally:
             if not node.stopping:
                 self._schedule_link_check()
+
+    def _apply_link_state(self, source: str) -> None:
+        """Hand everything off when keepalived's FAULT or the poll (see _check_links) says a
+        link failed; rebuild the kernel copies when neither does any more."""
+        now = self.node.loop.time()
+        poll_failed = bool(self.link_down) and (
+            not self._vrrp_reporting() or self._poll_down_since is None
+            or now - self._poll_down_since >= LINK_POLL_FALLBACK)
+        if (self.vrrp_fault or poll_failed) and not self.link_failed:
+            self.link_failed = True
+            by = "vrrp" if self.vrrp_fault else "poll"
+            self._link_counts[f"link_handoffs_{by}"] += 1
+            t0 = time.monotonic()
+            released = len(self.node.owned)
+            self._hand_off_everything()
+            self.link_events.append({"event": "handoff", "by": by, "trigger": source,
+                                     "released": released, "monotonic": t0,
+                                     "handoff_s": time.monotonic() - t0,
+                                     "ifaces": sorted(self.link_down)})
+        elif self.link_failed and not self.vrrp_fault and not self.link_down:
+            self.link_failed = False
+            self._link_counts["link_recoveries"] += 1
+            self.link_events.append({"event": "recovered", "trigger": source,
+                                     "monotonic": time.monotonic()})
+            log.warning("ops.link_failure_over trigger=%s", source)
+            self._refreshing = self._refresh_kernel_copies()
 
     def _target_without_me(self) -> Any:
         """``hashing.assign`` from the agreed target map (not from heartbeat reports, which may
@@ -327,7 +416,14 @@ class Ops:
         """Snapshot: counters and the last planned handoffs taken by this node."""
         return {"resyncs_requested": self.resyncs_requested, "drills": self.drills,
                 "takes": self.takes, "handoffs": [dict(h) for h in self.handoffs],
-                "links_down": sorted(self.link_down), "link_handoffs": self.link_handoffs}
+                "links_down": sorted(self.link_down), "link_handoffs": self.link_handoffs,
+                "link_failed": self.link_failed, "vrrp_fault": self.vrrp_fault,
+                "vrrp_signal_losses": self.vrrp_signal_losses, **self._link_counts,
+                "link_events": [dict(e) for e in self.link_events]}
+
+    def vrrp_statistics(self) -> dict[str, Any] | None:
+        """keepalived's signal (``status --json`` key ``vrrp``), None when not enabled."""
+        return self.vrrp.statistics() if self.vrrp is not None else None
 
     # ---------------------------------------------------------------- operator state
 
@@ -537,7 +633,8 @@ class Ops:
                 "rebalance-plan": self.rebalance_plan, "map-propose": self.map_propose,
                 "handoff-seal": self.handoff_seal, "handoff-take": self.handoff_take,
                 "set-local": self.set_local, "drill-partition": self.drill_partition,
-                "ops-status": self.ops_status}
+                "ops-status": self.ops_status,
+                **({"notify": self.vrrp.handler()} if self.vrrp is not None else {})}
 
     async def ops_status(self, _args: Mapping[str, Any]) -> Any:
         return self.statistics()

@@ -10,6 +10,10 @@
   the next keepalived. keepalived 2.2.7's VRRP child creates the FIFO (0600) if absent and opens
   it read-write and non-blocking, so lines written before lbsync opens it wait in the pipe.
 - :func:`notify_handler` is the control-socket handler behind ``lbsync notify``.
+- :class:`VrrpSignal` is what the daemon runs when ``[keepalived] enabled``: one interpreter
+  fed by the FIFO reader and by the ``notify`` control command, its events handed to a
+  :class:`VrrpSink` (the node's operator layer, :class:`lbsync.ops.Ops`): a peer's verdict
+  goes to membership (rule 3b), the own instance's FAULT to the link handoff.
 - ``python -m lbsync.vrrp_adapter --fifo F --self-id N --nodes 1,2,3`` prints one JSON object
   per event with a monotonic timestamp (for the lab and the kernel tests).
 """
@@ -27,16 +31,23 @@ import os
 import stat
 import sys
 import time
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from lbsync.keepalived import (
     MAX_NOTIFY_LINE,
     NotifyError,
     VrrpEvent,
+    VrrpInstanceChanged,
     VrrpInterpreter,
+    VrrpOwnLinkFailed,
+    VrrpOwnLinkRecovered,
+    VrrpPeerDeclaredDead,
+    VrrpPeerReturned,
+    VrrpSignalLost,
 )
 
 log = logging.getLogger(__name__)
@@ -245,6 +256,110 @@ def notify_handler(interpreter: VrrpInterpreter, deliver: Deliver
         return {"events": [type(ev).__name__ for ev in events]}
 
     return handle
+
+
+# --------------------------------------------------------------------------------------------
+# The daemon's side
+
+
+RECENT_EVENTS = 32
+
+
+class VrrpSink(Protocol):
+    """Who acts on keepalived's verdicts (the node's :class:`lbsync.ops.Ops`)."""
+
+    def vrrp_peer_verdict(self, peer: int, dead: bool) -> None:
+        """keepalived took over ``peer``'s instance (``dead``) or gave it back."""
+
+    def vrrp_own_link(self, failed: bool) -> None:
+        """This node's own instance entered FAULT (``failed``) or left it."""
+
+    def vrrp_signal_lost(self, reason: str) -> None:
+        """keepalived stopped or closed the FIFO: its earlier verdicts no longer hold."""
+
+
+class VrrpSignal:
+    """keepalived as the daemon's second failure signal: a :class:`VrrpInterpreter` fed by a
+    :class:`FifoReader` on the node's FIFO and by the ``notify`` control command
+    (:meth:`handler`); every event except :class:`VrrpInstanceChanged` goes to ``sink``.
+    Events are remembered (the last :data:`RECENT_EVENTS`, with ``time.monotonic()``, which
+    every namespace of a host shares, so tests compare them with the instant they failed a
+    node) and counted by kind."""
+
+    def __init__(self, *, self_id: int, node_ids: Sequence[int], fifo: Path | str,
+                 sink: VrrpSink, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.interpreter = VrrpInterpreter(self_id, node_ids)
+        self.reader = FifoReader(fifo, self.interpreter, self._deliver, loop=loop)
+        self.sink = sink
+        self.fifo_error = ""
+        self.reporting = False
+        """keepalived has reported an instance state and has not stopped since (the daemon
+        then leaves link tracking to it)."""
+        self._counts: Counter[str] = Counter()
+        self._recent: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
+
+    def start(self) -> bool:
+        """Open the FIFO; False (logged, shown in statistics) if it cannot be opened: the
+        daemon runs on, with heartbeats and the link poll only."""
+        try:
+            self.reader.start()
+        except OSError as exc:
+            self.fifo_error = str(exc)
+            log.error("vrrp.fifo_failed path=%s error=%s", self.reader.path, exc)
+            return False
+        log.info("vrrp.reading fifo=%s", self.reader.path)
+        return True
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def handler(self) -> Callable[[Mapping[str, Any]], Awaitable[Any]]:
+        """The ``notify`` control handler (``lbsync notify``) on the same interpreter."""
+        return notify_handler(self.interpreter, self._deliver)
+
+    def _deliver(self, ev: VrrpEvent) -> None:
+        name = type(ev).__name__
+        self._counts[name] += 1
+        if isinstance(ev, VrrpInstanceChanged):
+            self.reporting = ev.state not in ("STOP", "DELETED") or (
+                ev.node_id != self.interpreter.self_id and self.reporting)
+            return
+        if isinstance(ev, VrrpSignalLost):
+            self.reporting = False
+        self._recent.append(event_record(ev, time.monotonic()))
+        log.warning("vrrp.%s %s", name,
+                    " ".join(f"{k}={v}" for k, v in dataclasses.asdict(ev).items()))
+        try:
+            if isinstance(ev, VrrpPeerDeclaredDead):
+                self.sink.vrrp_peer_verdict(ev.node_id, True)
+            elif isinstance(ev, VrrpPeerReturned):
+                self.sink.vrrp_peer_verdict(ev.node_id, False)
+            elif isinstance(ev, VrrpOwnLinkFailed):
+                self.sink.vrrp_own_link(True)
+            elif isinstance(ev, VrrpOwnLinkRecovered):
+                self.sink.vrrp_own_link(False)
+            elif isinstance(ev, VrrpSignalLost):
+                self.sink.vrrp_signal_lost(ev.reason)
+        except Exception as exc:  # a failing consumer must not stop the reader
+            self._counts["sink_errors"] += 1
+            log.error("vrrp.sink_failed event=%s error=%r", name, exc)
+
+    def statistics(self) -> dict[str, Any]:
+        """Plain snapshot for ``status --json``: FIFO, interpreter and reader counters, events
+        by kind, the recent events."""
+        return {"fifo": str(self.reader.path), "fifo_error": self.fifo_error,
+                "reporting": self.reporting,
+                "interpreter": _plain(self.interpreter.statistics()),
+                "reader": dataclasses.asdict(self.reader.statistics()),
+                "events": dict(self._counts), "recent": list(self._recent)}
+
+
+def _plain(obj: Any) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        out[f.name] = dict(v) if isinstance(v, Mapping) else v
+    return out
 
 
 # --------------------------------------------------------------------------------------------
