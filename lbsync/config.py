@@ -126,6 +126,14 @@ class ReplicationConfig:
     idle_ms: float = _help("tail-loss high-water mark after this idle time", default=50.0)
     idle_max_ms: float = _help("high-water mark back-off ceiling", default=1000.0)
     socket_buffer: int = _help("SO_RCVBUF/SO_SNDBUF bytes", default=8 * 1024 * 1024)
+    control_port: int = _help(
+        "TCP port of the authenticated peer-control listener on replication_address (farm "
+        "commands relayed between daemons); 0: port + 1", default=0)
+
+    @property
+    def peer_control_port(self) -> int:
+        """The peer-control TCP port in effect (``control_port``, or ``port + 1``)."""
+        return self.control_port or self.port + 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -421,6 +429,11 @@ def _check_cluster(cfg: ClusterConfig, source: str) -> None:
             raise ConfigError(source, "replication.group4", "must be in 239.0.0.0/8")
     if not 1 <= r.port <= 65535:
         raise ConfigError(source, "replication.port", "must be 1..65535")
+    if not 0 <= r.control_port <= 65535:
+        raise ConfigError(source, "replication.control_port", "must be 0 (port + 1) or 1..65535")
+    if r.peer_control_port > 65535:
+        raise ConfigError(source, "replication.control_port",
+                          "port + 1 exceeds 65535: set it explicitly")
     if not 256 <= r.max_datagram <= 65000:
         raise ConfigError(source, "replication.max_datagram", "must be 256..65000")
     for name in ("history_datagrams", "history_bytes", "reorder_datagrams", "socket_buffer"):

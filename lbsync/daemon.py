@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import os
@@ -26,6 +27,7 @@ from typing import Any
 
 from lbsync.config import ClusterConfig, ConfigError, load_cluster
 from lbsync.control import ControlServer
+from lbsync.peerctl import PeerControl
 
 log = logging.getLogger(__name__)
 
@@ -170,11 +172,23 @@ async def serve(life: Lifecycle, node_id: int, node_factory: Any) -> int:
     node = node_factory(life=life, node_id=node_id)
 
     async def status(_args: Any) -> Any:
-        return {**statistics_base(life, node_id, started), **node.statistics()}
+        return {**statistics_base(life, node_id, started), **node.statistics(),
+                "peer_control": dataclasses.asdict(peers.statistics())}
 
     handlers = {"status": status, **node.control_handlers()}
+    # farm commands relayed to and from the other daemons (lbsync/peerctl.py)
+    peers = PeerControl(cfg=life.cfg, node_id=node_id, keyring=lambda: node.keyring,
+                        handlers=handlers)
+    handlers.update(peers.handlers())
     control = ControlServer(life.cfg.runtime_path(node_id, "sock"), handlers)
     await control.start()
+    try:
+        await peers.start()
+    except OSError as exc:
+        await control.close()
+        raise StartupError(f"cannot listen for peer control on "
+                           f"{peers.address}:{peers.port} (replication.control_port): "
+                           f"{exc.strerror or exc}") from None
     rc = 0
     try:
         async with asyncio.TaskGroup() as tg:
@@ -193,5 +207,6 @@ async def serve(life: Lifecycle, node_id: int, node_factory: Any) -> int:
     except* StartupError as eg:
         raise eg.exceptions[0] from None
     finally:
+        await peers.close()
         await control.close()
     return rc

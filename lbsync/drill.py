@@ -1,10 +1,13 @@
-"""Farm-wide orchestration over the daemons' control sockets: ``lbsync drill fail NODE``
-(rehearse a node failure on a live farm and measure the reaction) and the planned moves of
-``lbsync rebalance`` / ``drain`` / ``undrain`` / ``weight`` (:func:`run_rebalance`).
+"""Farm-wide orchestration: ``lbsync drill fail NODE`` (rehearse a node failure on a live farm
+and measure the reaction) and the planned moves of ``lbsync rebalance`` / ``drain`` /
+``undrain`` / ``weight`` (:func:`run_rebalance`).
 
-The drill talks to the daemons' control sockets (``/run/lbsync/<cluster>-<id>.sock``): every
-node's that this host can reach (all of them in the lab; on a real farm run it where the
-sockets are forwarded, e.g. over ssh). Steps, each reported through ``progress`` as it happens:
+Every node's daemon is reached through a :class:`Farm`: by default only the local daemon's
+control socket (``/run/lbsync/<cluster>-<id>.sock``) is opened and the requests for the other
+nodes are relayed by the local daemon to theirs over the replication network
+(:mod:`lbsync.peerctl`), so the commands work from any node of a real farm. The drill fail
+of the local node itself is refused in that mode (its daemon hangs: run it from another
+node). Steps of the drill, each reported through ``progress`` as it happens:
 
 1. Snapshot the farm: the victim's owned buckets, every node's takeover log.
 2. Install reset counters (``tcp flags rst``, forwarded and locally sent) on every node.
@@ -22,7 +25,7 @@ sockets are forwarded, e.g. over ssh). Steps, each reported through ``progress``
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +38,75 @@ class DrillError(Exception):
     """The drill could not run or its farm did not react in time (one line)."""
 
 
-class Farm:
-    """The control sockets the drill reaches, by node id."""
+Call = Callable[..., Any]  # lbsync.control.call's signature: (path, cmd, args, timeout=)
+RELAY_MARGIN = 0.5  # the relay gives up this long before the CLI's own call does
 
-    def __init__(self, sockets: Mapping[int, Path], timeout: float = 5.0) -> None:
-        self.sockets = dict(sockets)
+
+class Farm:
+    """How the orchestration reaches every node's daemon.
+
+    Relayed (:meth:`relayed`, the default of the CLI): only the local daemon's Unix socket is
+    opened; requests for another node go to the local daemon's ``relay`` command, which
+    forwards them to that node's daemon over the replication network
+    (:mod:`lbsync.peerctl`). Direct (:meth:`direct`): every node's socket is opened, which
+    works only where they all are reachable (the lab: one host; or sockets forwarded).
+
+    Relayed answers carry a clock sample: the peer's ``time.monotonic()`` minus the local
+    one (± an error bound), so the instants two nodes report (a seal's release, a take's
+    claim) can be compared on the local clock (:meth:`local_time`). Direct mode assumes one
+    host: offset 0."""
+
+    def __init__(self, sockets: Mapping[int, Path], timeout: float = 5.0, *,
+                 local: int | None = None, nodes: Iterable[int] | None = None,
+                 call_fn: Call = call) -> None:
+        self.sockets = dict(sockets)  # the Unix sockets this farm opens
+        self.nodes = sorted(nodes) if nodes is not None else sorted(self.sockets)
+        self.local = local
         self.timeout = timeout
+        self._call = call_fn
+        self.clock: dict[int, tuple[float, float]] = {}  # node -> (offset_s, error_s)
+        if local is not None:
+            self.clock[local] = (0.0, 0.0)
+
+    @classmethod
+    def direct(cls, sockets: Mapping[int, Path], timeout: float = 5.0, *,
+               call_fn: Call = call) -> Farm:
+        return cls(sockets, timeout, call_fn=call_fn)
+
+    @classmethod
+    def relayed(cls, local: int, socket: Path, nodes: Iterable[int], timeout: float = 5.0, *,
+                call_fn: Call = call) -> Farm:
+        nodes = sorted(set(nodes) | {local})
+        return cls({local: socket}, timeout, local=local, nodes=nodes, call_fn=call_fn)
+
+    @property
+    def relaying(self) -> bool:
+        return self.local is not None
+
+    def where(self, node: int) -> str:
+        """How ``node`` is reached (for messages)."""
+        if node in self.sockets:
+            return str(self.sockets[node])
+        return f"node {self.local}'s relay"
 
     def request(self, node: int, cmd: str, args: dict[str, Any] | None = None) -> Any:
-        return call(self.sockets[node], cmd, args, timeout=self.timeout)
+        if node in self.sockets:
+            return self._call(self.sockets[node], cmd, args, timeout=self.timeout)
+        if self.local is None or node not in self.nodes:
+            raise ControlError(f"node {node} is not in the cluster file")
+        ans = self._call(self.sockets[self.local], "relay",
+                         {"node": node, "cmd": cmd, "args": dict(args or {}),
+                          "timeout": max(0.5, self.timeout - RELAY_MARGIN)},
+                         timeout=self.timeout)
+        clock = ans.get("clock") or {}
+        try:
+            offset, error = float(clock["offset_s"]), float(clock["error_s"])
+        except (KeyError, TypeError, ValueError):
+            pass
+        else:
+            if node not in self.clock or error < self.clock[node][1]:
+                self.clock[node] = (offset, error)  # the tightest estimate so far
+        return ans.get("result")
 
     def status(self, node: int) -> dict[str, Any] | None:
         try:
@@ -51,6 +114,18 @@ class Farm:
         except (ControlError, OSError):
             return None
         return st if isinstance(st, dict) else None
+
+    def local_time(self, node: int, t: float) -> float:
+        """``t`` (``node``'s ``time.monotonic()``) on the local clock."""
+        return t - self.clock.get(node, (0.0, 0.0))[0]
+
+    def node_time(self, node: int, t: float) -> float:
+        """``t`` (the local ``time.monotonic()``) on ``node``'s clock."""
+        return t + self.clock.get(node, (0.0, 0.0))[0]
+
+    def clock_error(self, nodes: Iterable[int]) -> float:
+        """The largest error bound of the clock estimates of ``nodes`` (seconds)."""
+        return max((self.clock.get(n, (0.0, 0.0))[1] for n in nodes), default=0.0)
 
 
 def _ms(x: float | None) -> float | None:
@@ -65,12 +140,15 @@ def run_fail_drill(farm: Farm, victim: int, *, duration: float = 3.0, timeout: f
     (it keeps running, fences when its lease runs out, and rejoins when the link heals)."""
     if kind not in ("fail", "partition"):
         raise DrillError(f"unknown drill {kind!r}")
-    if victim not in farm.sockets:
+    if victim not in farm.nodes:
         raise DrillError(f"node {victim} is not in the cluster file")
-    before = {n: farm.status(n) for n in farm.sockets}
+    if kind == "fail" and victim == farm.local:
+        raise DrillError(f"node {victim} is this node: its daemon relays the drill's requests "
+                         f"and would hang with it; run the drill from another node")
+    before = {n: farm.status(n) for n in farm.nodes}
     vst = before[victim]
     if vst is None:
-        raise DrillError(f"node {victim}'s daemon does not answer on {farm.sockets[victim]}")
+        raise DrillError(f"node {victim}'s daemon does not answer (via {farm.where(victim)})")
     survivors = [n for n, st in before.items() if st is not None and n != victim]
     if not survivors:
         raise DrillError("no other node's daemon answers: nobody could take over")
@@ -82,7 +160,7 @@ def run_fail_drill(farm: Farm, victim: int, *, duration: float = 3.0, timeout: f
     victim_inc = int(vst["membership"]["incarnation"])
     seen = {n: {(t["dead_node"], t["claimed_monotonic"]) for t in st["takeovers"]}
             for n in survivors if (st := before[n]) is not None}
-    progress(f"farm: {len(farm.sockets)} nodes, {len(survivors)} survivors answer; node "
+    progress(f"farm: {len(farm.nodes)} nodes, {len(survivors)} survivors answer; node "
              f"{victim} (incarnation {victim_inc}) forwards {len(victim_buckets)} buckets")
     for n in [victim, *survivors]:
         farm.request(n, "drill-counters", {"action": "install"})
@@ -241,6 +319,9 @@ def run_rebalance(farm: Farm, local: int, *, max_concurrent: int = 8, dry_run: b
             total["gap_ms"] = _gap_stats([v["gap_ms"] / 1e3 for v in
                                           total["per_bucket"].values()])
             total["new_epoch"] = rep["new_epoch"]
+            total["clock_error_ms"] = max((e for e in (total["clock_error_ms"],
+                                                       rep["clock_error_ms"]) if e is not None),
+                                          default=None)
         if dry_run or not rep["skipped"]:
             break
         progress(f"{rep['skipped']} moves were stale; planning again")
@@ -264,8 +345,9 @@ def rebalance_once(farm: Farm, local: int, *, max_concurrent: int = 8, dry_run: 
                    ) -> dict[str, Any]:
     """Plan (on ``local``'s daemon), agree on the new target map, then move the buckets by
     planned handoff in batches of at most ``max_concurrent``: seal on the old owner, take on
-    the new one. Per-bucket forwarding gap = take's claim commit - seal's release commit
-    (``time.monotonic()`` of two nodes: comparable on one host, as in the lab)."""
+    the new one. Per-bucket forwarding gap = take's claim commit - seal's release commit,
+    each node's ``time.monotonic()`` brought to the local clock (:meth:`Farm.local_time`;
+    ``clock_error_ms`` in the report bounds the error of that, 0 on one host)."""
     t0 = time.monotonic()
     p = farm.request(local, "rebalance-plan", {"max_concurrent": max_concurrent})
     progress(f"plan: {p['moves']} moves in {len(p['batches'])} batches of at most "
@@ -275,7 +357,7 @@ def rebalance_once(farm: Farm, local: int, *, max_concurrent: int = 8, dry_run: 
                               "plan": p["batches"], "dry_run": dry_run}
     if dry_run or not p["moves"]:
         report.update(gap_ms=None, moved=0, total_s=0.0, incomplete=0, skipped=0,
-                      per_bucket={})
+                      per_bucket={}, clock_error_ms=None)
         return report
     res = farm.request(local, "map-propose", {"target": p["target"]})
     epoch = res["map_epoch"]
@@ -293,6 +375,7 @@ def rebalance_once(farm: Farm, local: int, *, max_concurrent: int = 8, dry_run: 
     progress(f"map epoch {epoch} agreed by nodes {sorted(nodes)}")
     gaps: list[float] = []
     per_bucket: dict[str, Any] = {}
+    clock_nodes: set[int] = set()
     incomplete = 0
     moved = 0
     skipped = 0
@@ -306,10 +389,13 @@ def rebalance_once(farm: Farm, local: int, *, max_concurrent: int = 8, dry_run: 
             buckets = seal["buckets"]
             if not buckets:
                 continue
+            # both instants on the local clock (relayed: each node's offset estimate)
+            released = farm.local_time(src, seal["released_monotonic"])
             take = farm.request(dst, "handoff-take", {
                 "buckets": buckets, "from_node": src, "seq": seal["seq"],
-                "released_monotonic": seal["released_monotonic"]})
-            gap = take["claimed_monotonic"] - seal["released_monotonic"]
+                "released_monotonic": farm.node_time(dst, released)})
+            gap = farm.local_time(dst, take["claimed_monotonic"]) - released
+            clock_nodes.update((src, dst))
             for b in buckets:
                 gaps.append(gap)
                 per_bucket[str(b)] = {"from": src, "to": dst, "gap_ms": round(gap * 1e3, 2),
@@ -321,5 +407,6 @@ def rebalance_once(farm: Farm, local: int, *, max_concurrent: int = 8, dry_run: 
                  f"{max(done, default=0.0):.1f} ms")
     total = time.monotonic() - t0
     report.update(moved=moved, incomplete=incomplete, skipped=skipped,
-                  total_s=round(total, 3), gap_ms=_gap_stats(gaps), per_bucket=per_bucket)
+                  total_s=round(total, 3), gap_ms=_gap_stats(gaps), per_bucket=per_bucket,
+                  clock_error_ms=round(farm.clock_error(clock_nodes) * 2e3, 3))
     return report

@@ -1,7 +1,10 @@
 """Operator commands: ``lbsync notify`` (keepalived notify scripts -> the daemon),
 ``lbsync keepalived-config`` (print a node's keepalived.conf), and the farm commands
-``lbsync map``, ``lbsync resync`` and ``lbsync drill fail`` (:func:`register_farm_commands`;
-daemon side in :mod:`lbsync.ops`, the drill in :mod:`lbsync.drill`)."""
+``lbsync map``, ``lbsync resync``, ``lbsync drill``, ``rebalance``, ``drain``, ``undrain``,
+``weight`` (:func:`register_farm_commands`; daemon side in :mod:`lbsync.ops`, the
+orchestration in :mod:`lbsync.drill`). Every command talks only to the local daemon's control
+socket; requests for other nodes are relayed by it (:mod:`lbsync.peerctl`), unless
+``--direct`` is given."""
 
 from __future__ import annotations
 
@@ -29,6 +32,12 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="cluster file (default %(default)s)")
     p.add_argument("--node-id", type=int, default=None, metavar="N",
                    help="this node's id (default: from /etc/lbsync/node.toml)")
+
+
+def _direct(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--direct", action="store_true",
+                   help="open every node's control socket instead of relaying through this "
+                        "node's daemon (only where all sockets are reachable, as in the lab)")
 
 
 def register(sub: Any) -> None:
@@ -147,6 +156,7 @@ def register_farm_commands(sub: Any) -> None:
                                      "takeover; restore it")
     f.add_argument("node", type=int, metavar="NODE", help="the node to fail")
     _common(f)
+    _direct(f)
     f.add_argument("--duration", type=float, default=3.0, metavar="S",
                    help="how long the node stays failed (default %(default)s s)")
     f.add_argument("--timeout", type=float, default=20.0, metavar="S",
@@ -157,6 +167,7 @@ def register_farm_commands(sub: Any) -> None:
                                            "measure the takeover; the link heals after")
     pt.add_argument("node", type=int, metavar="NODE", help="the node to cut off")
     _common(pt)
+    _direct(pt)
     pt.add_argument("--duration", type=float, default=6.0, metavar="S",
                     help="how long the link stays cut (default %(default)s s; must exceed "
                          "the failure detection time)")
@@ -198,6 +209,7 @@ def register_farm_commands(sub: Any) -> None:
 
 
 def _rebalance_args(p: argparse.ArgumentParser) -> None:
+    _direct(p)
     p.add_argument("--max-concurrent", type=int, default=8, metavar="K",
                    help="buckets moved per batch (default %(default)s)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -287,7 +299,7 @@ def _drill_fail(args: argparse.Namespace) -> int:
     import json
     import time
 
-    from lbsync.drill import DrillError, Farm, render_report, run_fail_drill
+    from lbsync.drill import DrillError, render_report, run_fail_drill
 
     cfg = load_cluster(args.config)
     if args.node not in cfg.node_ids:
@@ -297,7 +309,7 @@ def _drill_fail(args: argparse.Namespace) -> int:
         raise _usage(f"drill {args.kind}: --duration must be in (0, 60] seconds")
     if args.timeout <= 0:
         raise _usage(f"drill {args.kind}: --timeout must be > 0")
-    farm = Farm({n: cfg.runtime_path(n, "sock") for n in cfg.node_ids})
+    farm = make_farm(args, cfg)
 
     def progress(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr if args.json else
@@ -316,9 +328,18 @@ def _drill_fail(args: argparse.Namespace) -> int:
     return 0 if report["restored"] else 1
 
 
-def _farm(args: argparse.Namespace) -> tuple[Any, int]:
+def make_farm(args: argparse.Namespace, cfg: Any) -> Any:
+    """The farm the command orchestrates: relayed through the local daemon (default), or
+    every node's control socket opened directly (``--direct``)."""
     from lbsync.drill import Farm
 
+    if getattr(args, "direct", False):
+        return Farm.direct({n: cfg.runtime_path(n, "sock") for n in cfg.node_ids})
+    local = load_node_id(cfg, args.node_id)
+    return Farm.relayed(local, cfg.runtime_path(local, "sock"), cfg.node_ids)
+
+
+def _farm(args: argparse.Namespace) -> tuple[Any, int]:
     cfg = load_cluster(args.config)
     local = load_node_id(cfg, args.node_id)
     node = getattr(args, "node", None)
@@ -327,7 +348,7 @@ def _farm(args: argparse.Namespace) -> tuple[Any, int]:
                      f"({', '.join(map(str, cfg.node_ids))})")
     if args.max_concurrent < 1:
         raise _usage("--max-concurrent must be >= 1")
-    return Farm({n: cfg.runtime_path(n, "sock") for n in cfg.node_ids}), local
+    return make_farm(args, cfg), local
 
 
 def _print_rebalance(args: argparse.Namespace, report: dict[str, Any]) -> None:
@@ -421,7 +442,7 @@ def _drill_drain(args: argparse.Namespace) -> int:
     def progress(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=out, flush=True)
 
-    nodes = list(farm.sockets)
+    nodes = list(farm.nodes)
     report: dict[str, Any] = {"drill": "drain", "node": args.node}
     try:
         for n in nodes:
