@@ -268,7 +268,7 @@ class Ops:
         self.vrrp_signal_losses += 1
         node = self.node
         now = node.loop.time()
-        for peer in node.ms.vrrp_dead:
+        for peer in sorted(node.ms.vrrp_dead):
             node.ms.vrrp_verdict(peer, False, now)
         node._membership_changed()
         if self.vrrp_fault:

@@ -43,8 +43,8 @@ class VrrpFarm(Farm):
         self._interact(node, lambda: node.core.vrrp_verdict(peer, dead, self.now))
 
 
-def farm(seed: int = 1, **kw: object) -> VrrpFarm:
-    f = VrrpFarm([1, 2, 3], timing=SLOW, seed=seed, **kw)
+def farm(seed: int = 1, following: tuple[int, ...] | None = None) -> VrrpFarm:
+    f = VrrpFarm([1, 2, 3], timing=SLOW, seed=seed, following=following)
     f.settle(8.0)
     f.run_for(1.0)
     assert f.violations == []
