@@ -130,6 +130,14 @@ class ReplicationEndpoint:
             self._receive(data, now)
         except RemoteProtocolError as exc:
             self._rejected[exc.reason] += 1
+        r = self.receiver
+        while r.rebuilt:  # rebuilt from parities: authenticated and accepted like any datagram
+            rebuilt, r.rebuilt = r.rebuilt, []
+            for d in rebuilt:
+                try:
+                    self._receive(d, now)
+                except RemoteProtocolError as exc:
+                    self._rejected[exc.reason] += 1
         self._after(now)
 
     def _receive(self, data: bytes, now: float) -> None:
@@ -142,7 +150,7 @@ class ReplicationEndpoint:
             raise RemoteProtocolError("bad_mac")
         if h.sender == self.node_id:
             raise RemoteProtocolError("own_node")
-        for m in self.receiver.datagram(h, data[HEADER_LEN:-MAC_LEN], now):
+        for m in self.receiver.datagram(h, data[HEADER_LEN:-MAC_LEN], now, data):
             if isinstance(m, Nack):
                 self.sender.on_nack(m.incarnation, m.ranges, now)
             elif isinstance(m, ResyncRequest):

@@ -35,6 +35,10 @@ class ProtocolParams:
     # The sender answers a given sequence number at most once per hold-off: the duplicate NACKs
     # of receivers that did not hear each other cost no extra retransmission.
     retransmit_holdoff: float = 0.020
+    # A NACK naming n datagrams of a repair block is answered with n parities plus
+    # max(parity_min_extra, ceil(n * parity_extra)) more: each parity is lost like any datagram.
+    parity_extra: float = 0.5
+    parity_min_extra: int = 1
     resync_rate: float = 200_000.0  # records per second, at most, in resync answers
     resync_burst: int = 512
     resync_timeout: float = 1.0

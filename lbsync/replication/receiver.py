@@ -26,6 +26,7 @@ import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from lbsync.replication import fec
 from lbsync.replication.auth import ReplayWindow
 from lbsync.replication.events import (
     BucketResynced,
@@ -58,6 +59,7 @@ from lbsync.replication.wire import (
     Membership,
     Message,
     Nack,
+    Parity,
     RecordMessage,
     RemoteProtocolError,
     ResyncBegin,
@@ -86,6 +88,8 @@ class ReceiverStatistics:
     nack_messages: int
     nacked_seqs: int
     nacks_suppressed: int
+    parities_received: int
+    datagrams_rebuilt: int
     gone_seqs: int
     resync_requests: int
     resyncs_completed: int
@@ -105,7 +109,8 @@ class _Gap:
 
 class _Peer:
     __slots__ = ("buffer", "ctl", "end", "incarnation", "last_heard", "missing", "next",
-                 "node", "restarted", "silent", "synced", "tracked")
+                 "node", "parities", "raw", "raw_floor", "restarted", "silent", "synced",
+                 "tracked")
 
     def __init__(self, node: int, incarnation: int, now: float, window: int) -> None:
         self.node = node
@@ -117,6 +122,11 @@ class _Peer:
         self.tracked = FIRST_SEQ  # gaps below this are in ``missing`` (or delivered/buffered)
         self.buffer: dict[int, list[Message]] = {}
         self.missing: dict[int, _Gap] = {}
+        # The signed bytes of the datagrams of the repair blocks from ``raw_floor`` on (the
+        # known columns when rebuilding missing ones from parities) and the parities held.
+        self.raw: dict[int, bytes] = {}
+        self.raw_floor = FIRST_SEQ
+        self.parities: dict[int, list[tuple[int, int, bytes]]] = {}
         self.ctl = ReplayWindow(window)
         self.last_heard = now
         self.silent = False
@@ -157,6 +167,8 @@ class Receiver:
         self._gaps_dirty = False
         self.control: list[Message] = []
         self.events: list[Event] = []
+        # DATA datagrams rebuilt from parities: the endpoint authenticates and feeds them back.
+        self.rebuilt: list[bytes] = []
         self.datagrams_delivered = 0
         self.records_applied = 0
         self.records_stale = 0
@@ -167,6 +179,8 @@ class Receiver:
         self.nack_messages = 0
         self.nacked_seqs = 0
         self.nacks_suppressed = 0
+        self.parities_received = 0
+        self.datagrams_rebuilt = 0
         self.gone_seqs = 0
         self.resync_requests = 0
         self.resyncs_completed = 0
@@ -176,12 +190,13 @@ class Receiver:
 
     # -- entry points ------------------------------------------------------------------------
 
-    def datagram(self, h: Header, body: bytes, now: float) -> list[Message]:
-        """Process an authenticated datagram; returns the control messages addressed to this
-        node's sender (NACKs, resync requests). Raises :class:`RemoteProtocolError`."""
+    def datagram(self, h: Header, body: bytes, now: float, data: bytes = b"") -> list[Message]:
+        """Process an authenticated datagram (``data``: all its bytes, kept for rebuilding
+        lost ones from parities); returns the control messages addressed to this node's sender
+        (NACKs, resync requests). Raises :class:`RemoteProtocolError`."""
         peer = self._peer(h, now)
         if h.type == TYPE_DATA:
-            self._data(peer, h, body, now)
+            self._data(peer, h, body, now, data)
             return []
         counter = unwrap(h.seq, max(peer.ctl.highest, 1))
         if not peer.ctl.check_and_set(counter):
@@ -238,7 +253,7 @@ class Receiver:
 
     # -- DATA --------------------------------------------------------------------------------
 
-    def _data(self, peer: _Peer, h: Header, body: bytes, now: float) -> None:
+    def _data(self, peer: _Peer, h: Header, body: bytes, now: float, data: bytes) -> None:
         if not peer.synced:
             self._sync(peer, h.seq - 1, h.oldest, now)
         seq = unwrap(h.seq, peer.next)
@@ -251,6 +266,8 @@ class Receiver:
                 peer.end = seq + 1
             self._deliver(peer, now)  # the numbers below it that fit the window become gaps
             raise RemoteProtocolError("reorder_overflow")
+        if data:
+            peer.raw[seq] = data
         try:
             messages = decode_body(body, h.type, self._limits)
         except RemoteProtocolError:
@@ -276,6 +293,9 @@ class Receiver:
             self.datagrams_delivered += 1
             if messages:
                 self._apply(peer.node, messages, now)
+        floor = peer.next - (peer.next - FIRST_SEQ) % fec.BLOCK
+        if floor > peer.raw_floor:
+            self._forget_blocks(peer, floor)
         if peer.tracked < peer.next:
             peer.tracked = peer.next
         limit = min(peer.end, peer.next + self._p.reorder_datagrams)
@@ -288,6 +308,59 @@ class Receiver:
                     self.gaps_detected += 1
             peer.tracked = limit
             self._gaps_dirty = True
+
+    def _forget_blocks(self, peer: _Peer, floor: int) -> None:
+        """Drop the raw datagrams and parities of the repair blocks wholly below ``floor``."""
+        if floor - peer.raw_floor <= 2 * fec.BLOCK:
+            raw, parities = peer.raw, peer.parities
+            for s in range(peer.raw_floor, floor):
+                raw.pop(s, None)
+            for s in range(peer.raw_floor, floor, fec.BLOCK):
+                parities.pop(s, None)
+        else:
+            peer.raw = {s: d for s, d in peer.raw.items() if s >= floor}
+            peer.parities = {s: p for s, p in peer.parities.items() if s >= floor}
+        peer.raw_floor = floor
+
+    # -- parities ------------------------------------------------------------------------
+
+    def _parity(self, peer: _Peer, m: Parity, now: float) -> None:
+        self.parities_received += 1
+        first = unwrap(m.first, peer.next)
+        if (first - FIRST_SEQ) % fec.BLOCK or first < peer.raw_floor \
+                or first >= peer.next + self._p.reorder_datagrams:
+            return  # not a block boundary, an old block, or beyond the reorder window
+        stop = first + m.count
+        if stop > peer.end:  # the parity reveals datagrams we did not know of (a lost tail)
+            peer.end = stop
+            self._deliver(peer, now)
+        held = peer.parities.setdefault(first, [])
+        if len(held) >= 2 * fec.BLOCK or any(r == m.row for r, _c, _p in held):
+            return
+        held.append((m.row, m.count, m.payload))
+        self._rebuild(peer, first)
+
+    def _rebuild(self, peer: _Peer, first: int) -> None:
+        held = peer.parities[first]
+        raw = peer.raw
+        columns = max(c for _r, c, _p in held)
+        unknown = [i for i in range(columns) if first + i not in raw]
+        wanted = [i for i in unknown
+                  if first + i >= peer.next and first + i not in peer.buffer]
+        if not wanted:
+            if not unknown:
+                del peer.parities[first]
+            return
+        if len(held) < len(unknown):
+            return
+        known = {i: raw[first + i] for i in range(columns) if first + i in raw}
+        out = fec.solve(known, unknown, held)
+        if out is None:
+            return
+        del peer.parities[first]
+        for i in wanted:
+            self.rebuilt.append(out[i])
+        self.datagrams_rebuilt += len(wanted)
 
     # -- applying ----------------------------------------------------------------------------
 
@@ -372,6 +445,8 @@ class Receiver:
                     mine.append(m)
                 else:
                     self._overheard_nack(m, now)
+            elif isinstance(m, Parity):
+                self._parity(peer, m, now)
             elif isinstance(m, Gone):
                 self._gone(peer, m, now)
             elif isinstance(m, ResyncRequest):
@@ -391,23 +466,35 @@ class Receiver:
         self._deliver(peer, now)
 
     def _overheard_nack(self, m: Nack, now: float) -> None:
+        """Another receiver's NACK for ``m.target``: its sender answers with parities of each
+        repair block named, as many as the datagrams named there (plus redundancy), which
+        rebuild ours too if we miss no more of that block: then ours are treated as sent."""
         peer = self._peers.get(m.target)
         if peer is None or peer.incarnation != m.incarnation or not peer.missing:
             return
-        missing = peer.missing
+        block = fec.BLOCK
+        low = peer.next - (peer.next - FIRST_SEQ) % block
+        high = peer.next + self._p.reorder_datagrams
+        named: dict[int, int] = {}
         for wire_start, count in m.ranges:
-            start = unwrap(wire_start, peer.next)
-            if count <= len(missing):
-                seqs: Iterable[int] = range(start, start + count)
-            else:
-                seqs = [s for s in missing if start <= s < start + count]
-            for s in seqs:
-                gap = missing.get(s)
-                if gap is not None:
-                    gap.attempts += 1
-                    gap.due = max(gap.due, now + self._retry(gap.attempts))
-                    self.nacks_suppressed += 1
-                    self._gaps_dirty = True
+            origin = unwrap(wire_start, peer.next)
+            start = max(origin, low)
+            stop = min(origin + count, high)
+            while start < stop:
+                first = start - (start - FIRST_SEQ) % block
+                end = min(stop, first + block)
+                named[first] = named.get(first, 0) + end - start
+                start = end
+        missing = peer.missing
+        for first, n in named.items():
+            mine = [missing[s] for s in range(first, first + block) if s in missing]
+            if not mine or len(mine) > n:
+                continue
+            for gap in mine:
+                gap.attempts += 1
+                gap.due = max(gap.due, now + self._retry(gap.attempts))
+                self.nacks_suppressed += 1
+            self._gaps_dirty = True
 
     def _gone(self, peer: _Peer, m: Gone, now: float) -> None:
         skipped = 0
@@ -525,7 +612,8 @@ class Receiver:
             self.records_stale, self.records_refused, self.duplicates,
             sum(len(p.buffer) for p in peers), self.reorder_overflow, self.gaps_detected,
             sum(len(p.missing) for p in peers), self.nack_messages, self.nacked_seqs,
-            self.nacks_suppressed, self.gone_seqs, self.resync_requests,
+            self.nacks_suppressed, self.parities_received, self.datagrams_rebuilt,
+            self.gone_seqs, self.resync_requests,
             self.resyncs_completed, self.digests_agreed, self.digests_disagreed,
             sum(1 for p in peers if p.silent),
             tuple(sorted(b for b, ok in self.digest_state.items() if not ok)))

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import msgpack
 
+from lbsync.replication import fec
 from lbsync.replication.auth import KeyRing
 from lbsync.replication.events import Event, ResyncRequested
 from lbsync.replication.params import ProtocolParams
@@ -49,6 +50,7 @@ from lbsync.replication.wire import (
     HighWater,
     LocalProtocolError,
     Message,
+    Parity,
     ResyncBegin,
     ResyncDone,
     ResyncEnd,
@@ -60,6 +62,9 @@ from lbsync.replication.wire import (
 # One token, minus float dust: 0.9999999999999999 tokens must count as one, or the pacing
 # timer would fire again and again at the same instant without progress.
 _ONE = 1.0 - 1e-9
+# Room kept free in DATA datagrams so that a parity of them (the whole datagram, its length,
+# the Parity message's fields and a HighWater) still fits one CONTROL datagram.
+REPAIR_ROOM = 64
 _UPDATE_KIND = {FLOW: K_FLOW_UPDATE, EXPECTATION: K_EXPECT_UPDATE}
 _DELETE_KIND = {FLOW: K_FLOW_DELETE, EXPECTATION: K_EXPECT_DELETE}
 
@@ -78,6 +83,7 @@ class SenderStatistics:
     nacks_received: int
     retransmitted: int
     retransmit_held: int
+    parities_sent: int
     gone_answered: int
     history_datagrams: int
     history_bytes: int
@@ -120,7 +126,8 @@ class Sender:
         self._store = store
         self._packer = msgpack.Packer(use_bin_type=True)
         # Room for the array header (3 bytes up to 65535 messages).
-        self._budget = params.max_datagram - OVERHEAD - 3
+        self._ctl_budget = params.max_datagram - OVERHEAD - 3
+        self._budget = self._ctl_budget - REPAIR_ROOM
         self._seq = FIRST_SEQ
         self._ctl_seq = 1
         self._history: dict[int, bytes] = {}
@@ -130,6 +137,8 @@ class Sender:
         self._gone_buckets: dict[int, tuple[int, ...]] = {}
         self._gone_floor = FIRST_SEQ
         self._retx_at: dict[int, float] = {}
+        # Repair block (first seq) -> [next parity row, time of the last burst, its size].
+        self._blocks: dict[int, list[float]] = {}
         self._parts: list[bytes] = []
         self._size = 0
         self._buckets: set[int] = set()
@@ -152,6 +161,7 @@ class Sender:
         self.nacks_received = 0
         self.retransmitted = 0
         self.retransmit_held = 0
+        self.parities_sent = 0
         self.gone_answered = 0
         self.history_evicted = 0
         self.resync_buckets = 0
@@ -275,6 +285,8 @@ class Sender:
             self._history_size -= len(self._history.pop(seq))
             buckets = self._history_buckets.pop(seq)
             self._retx_at.pop(seq, None)
+            if (seq - FIRST_SEQ) % fec.BLOCK == 0:
+                self._blocks.pop(seq, None)  # the block is no longer whole: plain repairs
             self._gone_buckets[seq] = tuple(buckets)
             if len(self._gone_buckets) > p.gone_memory:
                 forgotten = next(iter(self._gone_buckets))
@@ -287,12 +299,16 @@ class Sender:
 
     def on_nack(self, incarnation: int, ranges: tuple[tuple[int, int], ...],
                 now: float) -> None:
-        """Answer a NACK addressed to this node (from history, or with Gone)."""
+        """Answer a NACK addressed to this node: parities of the repair blocks it names, plain
+        retransmissions where a block left the history partly, ``Gone`` below the history."""
         self.nacks_received += 1
         if incarnation != self.incarnation:
             return  # for our previous life: its receivers resync on our new incarnation
         gone: list[tuple[int, int]] = []
         gone_buckets: set[int] | None = set()
+        named: dict[int, int] = {}  # repair block (first seq) -> seqs of it named
+        plain: list[int] = []
+        block = fec.BLOCK
         for wire_start, count in ranges:
             start = max(unwrap(wire_start, self._seq), FIRST_SEQ)
             stop = min(start + count, self._seq)
@@ -304,18 +320,58 @@ class Sender:
                 gone_buckets = self._gone_buckets_of(start, gstop, gone_buckets)
                 start = gstop
             for seq in range(start, stop):
-                datagram = self._history[seq]
-                if self._retx_at.get(seq, -1e300) + self._p.retransmit_holdoff > now:
-                    self.retransmit_held += 1
-                    continue
-                self._retx_at[seq] = now
-                self._out.append(datagram)
-                self.retransmitted += 1
+                first = seq - (seq - FIRST_SEQ) % block
+                if first < self._oldest:
+                    plain.append(seq)
+                else:
+                    named[first] = named.get(first, 0) + 1
+        for first, n in named.items():
+            if not self._repair_block(first, n, now):
+                plain.extend(range(first, min(first + block, self._seq)))
+        for seq in plain:
+            if self._retx_at.get(seq, -1e300) + self._p.retransmit_holdoff > now:
+                self.retransmit_held += 1
+                continue
+            self._retx_at[seq] = now
+            self._out.append(self._history[seq])
+            self.retransmitted += 1
         if gone:
             self.gone_answered += 1
             buckets = None if gone_buckets is None else tuple(sorted(gone_buckets))
             self.queue_control(Gone(tuple(gone), buckets))
             self.enqueue_resync(self._owned if buckets is None else buckets, None, 0, now)
+
+    def _repair_block(self, first: int, n: int, now: float) -> bool:
+        """Send parities of the block starting at ``first`` for a receiver missing ``n`` of its
+        datagrams: ``n`` plus redundancy (each parity is lost like any datagram), fresh rows,
+        minus what a burst within the hold-off already sent. False: rows exhausted."""
+        p = self._p
+        state = self._blocks.get(first)
+        if state is None:
+            state = [0.0, -1e300, 0.0]
+            self._blocks[first] = state
+        want = n + max(p.parity_min_extra, int(n * p.parity_extra + 0.999))
+        recent = int(state[2]) if state[1] + p.retransmit_holdoff > now else 0
+        if want <= recent:
+            self.retransmit_held += 1
+            return True
+        row = int(state[0])
+        burst = min(want - recent, fec.MAX_ROWS - row)
+        if burst <= 0:
+            return False
+        count = min(fec.BLOCK, self._seq - first)
+        datagrams = [self._history[s] for s in range(first, first + count)]
+        hwm = encode_message(HighWater((self._seq - 1) & U32))
+        for r in range(row, row + burst):
+            part = encode_message(Parity(first & U32, count, r, fec.encode(r, datagrams)))
+            self._seal_control([hwm, part])
+            self.parities_sent += 1
+            self.retransmitted += 1
+        state[0] = row + burst
+        if recent == 0:
+            state[1] = now
+        state[2] = recent + burst
+        return True
 
     def _gone_buckets_of(self, start: int, stop: int, acc: set[int] | None) -> set[int] | None:
         if acc is None or start < self._gone_floor:
@@ -409,7 +465,7 @@ class Sender:
         batch: list[bytes] = [hwm]
         size = len(hwm)
         for part in parts:
-            if size + len(part) > self._budget and len(batch) > 1:
+            if size + len(part) > self._ctl_budget and len(batch) > 1:
                 self._seal_control(batch)
                 batch, size = [hwm], len(hwm)
             batch.append(part)
@@ -468,7 +524,7 @@ class Sender:
         return SenderStatistics(
             self._seq, self._oldest, self.records_sent, self.datagrams_sent, self.bytes_sent,
             self.control_sent, self.high_water_sent, self.nacks_received, self.retransmitted,
-            self.retransmit_held, self.gone_answered, len(self._history), self._history_size,
-            self.history_evicted, len(self._jobs), self.resync_buckets, self.resync_records,
-            self.stale_local)
+            self.retransmit_held, self.parities_sent, self.gone_answered, len(self._history),
+            self._history_size, self.history_evicted, len(self._jobs), self.resync_buckets,
+            self.resync_records, self.stale_local)
 

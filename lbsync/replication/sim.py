@@ -34,6 +34,7 @@ from lbsync.replication.wire import (
     TYPE_DATA,
     Limits,
     Nack,
+    Parity,
     RemoteProtocolError,
     decode_body,
 )
@@ -46,7 +47,8 @@ class SimBooks:
     """Traffic accounting of one simulation run."""
 
     originals: int = 0
-    retransmissions: int = 0
+    retransmissions: int = 0  # repair datagrams: plain retransmissions and parities
+    parities: int = 0
     nack_datagrams: int = 0
     control_datagrams: int = 0
     wire_datagrams: int = 0
@@ -256,6 +258,9 @@ class Simulation:
             return
         named: set[tuple[int, int, int]] = set()
         for m in messages:
+            if isinstance(m, Parity):
+                self.books.retransmissions += 1
+                self.books.parities += 1
             if isinstance(m, Nack):
                 for start, count in m.ranges:
                     for seq in range(start, start + count):

@@ -37,6 +37,9 @@ from typing import ClassVar
 
 import msgpack
 
+from lbsync.replication.fec import BLOCK as PARITY_BLOCK
+from lbsync.replication.fec import MAX_ROWS as PARITY_ROWS
+
 MAGIC = b"LS"
 VERSION = 1
 TYPE_DATA = 1
@@ -64,6 +67,7 @@ K_HIGH_WATER = 16
 K_NACK = 17
 K_GONE = 18
 K_RESYNC_REQUEST = 19
+K_PARITY = 20
 K_MEMBERSHIP = 32
 
 DATA_KINDS = frozenset(range(1, 16))
@@ -225,6 +229,19 @@ class Gone:
 
 
 @dataclass(frozen=True, slots=True)
+class Parity:
+    """Repair of the data sequence numbers ``first .. first+count-1`` (one repair block, see
+    ``fec.py``): parity ``row`` of their datagrams. Any ``m`` parities of a block rebuild any
+    ``m`` datagrams of it that a receiver misses."""
+
+    KIND: ClassVar[int] = K_PARITY
+    first: int
+    count: int
+    row: int
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class ResyncRequest:
     """Ask ``target`` to stream ``buckets`` (empty: every bucket it owns)."""
 
@@ -245,7 +262,7 @@ class Membership:
 
 DataMessage = (FlowUpdate | FlowDelete | ExpectationUpdate | ExpectationDelete | ResyncBegin
                | ResyncEnd | BucketDigest | ResyncDone)
-ControlMessage = HighWater | Nack | Gone | ResyncRequest | Membership
+ControlMessage = HighWater | Nack | Gone | ResyncRequest | Parity | Membership
 Message = DataMessage | ControlMessage
 RecordMessage = FlowUpdate | FlowDelete | ExpectationUpdate | ExpectationDelete
 
@@ -301,6 +318,8 @@ def encode_message(m: Message) -> bytes:
         return _pack([m.KIND, _flat(m.ranges), b])
     if isinstance(m, ResyncRequest):
         return _pack([m.KIND, m.target, m.token, list(m.buckets)])
+    if isinstance(m, Parity):
+        return _pack([m.KIND, m.first & U32, m.count, m.row, m.payload])
     return _pack([m.KIND, m.subkind, m.payload])
 
 
@@ -426,6 +445,15 @@ def _decode_one(m: object, dtype: int, lim: Limits) -> Message:
         return Gone(_ranges(m[1], lim), None if m[2] is None else _buckets(m[2], lim))
     if kind == K_RESYNC_REQUEST and n == 4:
         return ResyncRequest(_node(m[1]), _u32(m[2]), _buckets(m[3], lim))
+    if kind == K_PARITY and n == 5:
+        count, row = m[2], m[3]
+        if type(count) is not int or not 1 <= count <= PARITY_BLOCK \
+                or type(row) is not int or not 0 <= row < PARITY_ROWS:
+            raise RemoteProtocolError("malformed", "parity count or row")
+        payload = _bin(m[4], lim)
+        if len(payload) < 2:
+            raise RemoteProtocolError("malformed", "parity payload")
+        return Parity(_u32(m[1]), count, row, payload)
     if kind == K_MEMBERSHIP and n == 3:
         sub = m[1]
         if type(sub) is not int or not 0 <= sub <= 255:

@@ -23,6 +23,7 @@ from lbsync.replication.events import (
     SenderSilent,
 )
 from lbsync.replication.params import ProtocolParams
+from lbsync.replication.sender import REPAIR_ROOM
 from lbsync.replication.store import FLOW, BucketStore
 from lbsync.replication.wire import (
     HEADER_LEN,
@@ -32,6 +33,7 @@ from lbsync.replication.wire import (
     Limits,
     LocalProtocolError,
     Nack,
+    Parity,
     decode_body,
     parse_header,
 )
@@ -95,7 +97,8 @@ def test_grouping_by_size_and_by_delay() -> None:
         a.update_flow(0, b"k%d" % i, b"r" * 100, 0.0)
     full = a.datagrams_to_send()
     assert len(full) >= 2 and all(len(d) <= P.max_datagram for d in full)
-    assert all(len(d) > P.max_datagram - 150 for d in full)  # full ones are really full
+    # Full ones are really full (up to the room kept for a parity's framing).
+    assert all(len(d) > P.max_datagram - REPAIR_ROOM - 150 for d in full)
     assert a.get_timer() == pytest.approx(P.flush_delay)
     a.handle_timer(P.flush_delay)
     rest = a.datagrams_to_send()
@@ -140,9 +143,56 @@ def test_lost_datagram_nacked_and_retransmitted_byte_for_byte() -> None:
     assert nacks and nacks[0].target == 1
     for d in ctl:
         a.datagram_received(d, t)
-    assert a.datagrams_to_send()[0] == ds[1]
-    b.datagram_received(ds[1], t)
+    # Answered with parities of the repair block: one for the datagram named plus one of
+    # redundancy (either alone rebuilds it), each in its own CONTROL datagram.
+    repair = a.datagrams_to_send()
+    parities = [m for m in control_messages(repair) if isinstance(m, Parity)]
+    assert len(repair) == len(parities) == 1 + P.parity_min_extra
+    assert {p.row for p in parities} == {0, 1} and parities[0].count == len(ds)
+    b.datagram_received(repair[1], t)  # the first one lost
+    assert b.statistics().receiver.datagrams_rebuilt == 1
     assert b.store.snapshot(3) == a.store.snapshot(3)
+    b.datagram_received(repair[0], t)  # the late one is of no use any more, and harmless
+    b.datagram_received(ds[1], t)
+    assert b.statistics().rejected == {"duplicate": 1}
+    assert b.statistics().receiver.datagrams_rebuilt == 1
+
+
+def test_rebuilt_datagram_is_authenticated_like_any_other() -> None:
+    a, b = ep(1), ep(2)
+    a.claim(3, 1, 0.0, announce=False)
+    for i in range(40):
+        a.update_flow(3, b"k%d" % i, b"x" * 90, 0.0)
+    a.flush(0.0)
+    ds = a.datagrams_to_send()
+    for d in ds[1:]:
+        b.datagram_received(d, 0.0)
+    a.sender.on_nack(1, ((1, 1),), 0.01)
+    forged = bytearray(a.datagrams_to_send()[0])
+    # Corrupt the parity's payload, then re-sign the CONTROL datagram: a buggy (but keyed)
+    # peer. The rebuilt DATA datagram fails its own MAC and nothing is applied.
+    forged[80] ^= 0xFF  # inside the coded datagram (past the framing and its length)
+    forged[-MAC_LEN:] = KR.sign(bytes(forged[:-MAC_LEN]))
+    b.datagram_received(bytes(forged), 0.01)
+    assert b.statistics().rejected.get("bad_mac") == 1
+    assert b.statistics().receiver.gaps_open == 1
+
+
+def test_block_partly_out_of_history_is_repaired_by_plain_retransmission() -> None:
+    params = ProtocolParams(buckets=8, history_datagrams=4)
+    a, b = ep(1, params), ep(2, params)
+    a.claim(0, 1, 0.0, announce=False)
+    for i in range(60):
+        a.update_flow(0, b"k%d" % i, b"x" * 100, 0.0)
+    a.flush(0.0)
+    ds = a.datagrams_to_send()
+    assert len(ds) > 4 and a.sender.oldest > 1
+    last = a.sender.last_seq
+    for d in ds[:-1]:
+        b.datagram_received(d, 0.0)
+    a.sender.on_nack(1, ((last, 1),), 0.01)
+    assert a.datagrams_to_send() == [ds[-1]]
+    assert a.statistics().sender.parities_sent == 0
 
 
 def test_out_of_order_is_kept_and_applied_in_order() -> None:
@@ -291,8 +341,33 @@ def test_overheard_nack_suppresses_our_own() -> None:
     second.handle_timer(max(tb, tc))
     assert not [m for m in control_messages(second.datagrams_to_send()) if isinstance(m, Nack)]
     assert second.statistics().receiver.nacks_suppressed == 1
-    retx = a.datagrams_to_send()
-    assert retx == [ds[0]]
+    repair = a.datagrams_to_send()
+    assert len(repair) == 1 + P.parity_min_extra
+    for d in repair:
+        second.datagram_received(d, max(tb, tc))
+    assert second.store.snapshot(0) == a.store.snapshot(0)
+
+
+def test_overheard_nack_naming_fewer_of_a_block_does_not_suppress() -> None:
+    """Parities answer a NACK in number of the datagrams it names in a repair block: a
+    receiver missing more of that block must still ask."""
+    a, b, c = ep(1), ep(2), ep(3)
+    a.claim(0, 1, 0.0, announce=False)
+    for i in range(30):
+        a.update_flow(0, b"k%d" % i, b"x" * 100, 0.0)
+    a.flush(0.0)
+    ds = a.datagrams_to_send()
+    for i, d in enumerate(ds):
+        if i != 0:
+            b.datagram_received(d, 0.0)
+        if i > 1:
+            c.datagram_received(d, 0.0)
+    tb = b.get_timer()
+    assert tb is not None
+    b.handle_timer(tb)
+    for d in b.datagrams_to_send():
+        c.datagram_received(d, tb)
+    assert c.statistics().receiver.nacks_suppressed == 0
 
 
 def test_sender_answers_a_seq_once_per_holdoff() -> None:
@@ -313,7 +388,7 @@ def test_sender_answers_a_seq_once_per_holdoff() -> None:
             sent = r.datagrams_to_send()
         for d in sent:
             a.datagram_received(d, P.idle + 0.01)
-    assert len(a.datagrams_to_send()) == 1
+    assert len(a.datagrams_to_send()) == 1 + P.parity_min_extra  # one burst of parities
     assert a.statistics().sender.retransmit_held == 1
 
 
