@@ -209,9 +209,12 @@ def _exec(args: argparse.Namespace) -> int:
 
 
 def _down(args: argparse.Namespace) -> int:
+    from lbsync.lab import daemons
+
     if not farm.destroy(args.name):
         sys.stderr.write(f"lbsync: no lab named {args.name!r}: nothing to tear down\n")
         return 1
+    daemons.remove_runtime_files(args.name)  # keepalived notify FIFOs of --keepalived
     print(f"lab {args.name}: torn down")
     return 0
 
