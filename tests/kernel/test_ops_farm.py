@@ -18,7 +18,12 @@ operator would (``python -m lbsync ...`` with the lab's cluster file):
   ``undrain`` and ``weight``;
 - readiness gate: a node killed and restarted empty owns nothing (status and kernel ``@owned``
   sampled) until it is ready, and when it first reports ready its store already holds every
-  standby entry of the farm (its resyncs completed); its drain flag survived the restart.
+  standby entry of the farm (its resyncs completed); its drain flag survived the restart;
+- the farm commands talk only to the local daemon (``--node-id 1``), which relays the other
+  nodes' requests over the replication network (lbsync/peerctl.py): ``drain``/``undrain`` of
+  node 3 work with nodes 2's and 3's control sockets renamed away, node 2's listener counts
+  the requests node 1 relayed, and garbage sent to it over the replication network is
+  rejected and counted while the daemon keeps serving.
 
 Outcomes only, generous deadlines; no timing is asserted.
 """
@@ -291,7 +296,7 @@ def test_drill_fail_matches_the_traffic(farm: tuple[Lab, TrafficRun]) -> None:
     before = traffic.snapshot()
     victim_buckets = sorted(daemons.status(lab, 2)["forwarding"])
     cp = subprocess.run([sys.executable, "-m", "lbsync", "drill", "fail", "2", "--duration",
-                         "6", "--json", "--config", str(lab.config_path)],
+                         "6", "--json", "--config", str(lab.config_path), "--node-id", "1"],
                         capture_output=True, text=True, timeout=120)
     assert cp.returncode == 0, cp.stderr
     report = json.loads(cp.stdout)
@@ -372,7 +377,8 @@ def test_drill_partition_and_drill_drain(farm: tuple[Lab, TrafficRun]) -> None:
     victim_buckets = sorted(daemons.status(lab, 2)["forwarding"])
     assert victim_buckets
     cp = subprocess.run([sys.executable, "-m", "lbsync", "drill", "partition", "2",
-                         "--duration", "6", "--json", "--config", str(lab.config_path)],
+                         "--duration", "6", "--json", "--config", str(lab.config_path),
+                         "--node-id", "1"],
                         capture_output=True, text=True, timeout=120)
     assert cp.returncode == 0, cp.stderr
     rep = json.loads(cp.stdout)
@@ -409,3 +415,57 @@ def test_outside_link_down_hands_buckets_off(farm: tuple[Lab, TrafficRun]) -> No
     assert rep["moved"] > 0 and all(m["to"] == 2 for m in rep["per_bucket"].values())
     one_owner_each(lab)
     assert_no_connection_lost(traffic, before)
+
+
+# ------------------------------------------------------------------------------ relay
+
+
+def test_farm_commands_use_only_the_local_socket(farm: tuple[Lab, TrafficRun]) -> None:
+    lab, traffic = farm
+    one_owner_each(lab)
+    before = traffic.snapshot()
+    served0 = daemons.status(lab, 2)["peer_control"]["served_by_sender"].get("1", 0)
+    ans = daemons.request(lab, 1, "relay", {"node": 2, "cmd": "status"})
+    st2 = ans["result"]
+    assert st2["node_id"] == 2
+    # node 2's listener is on its replication address and counted node 1's request (its
+    # source address was checked against node 1's replication address)
+    pc = st2["peer_control"]
+    assert pc["listen"].startswith(lab.cluster_config.node(2).replication_address + ":")
+    assert pc["served_by_sender"]["1"] > served0
+    assert abs(ans["clock"]["offset_s"]) <= ans["clock"]["error_s"] + 0.001  # one host
+    relayed0 = daemons.status(lab, 1)["peer_control"]["relayed"]
+    # the other nodes' control sockets are gone for the CLI: only node 1's is left
+    hidden = {n: daemons.socket_path(lab, n) for n in (2, 3)}
+    for path in hidden.values():
+        path.rename(path.with_suffix(".hidden"))
+    try:
+        assert cli(lab, "status", node=2).returncode != 0  # really unreachable directly
+        rep = cli_json(lab, "drain", "3")
+        assert rep["moved"] > 0 and rep["incomplete"] == 0
+        assert cli_json(lab, "map")["members"]["3"]["drained"] is True
+        rep = cli_json(lab, "undrain", "3")
+        assert rep["moved"] > 0 and rep["incomplete"] == 0
+        assert all(m["to"] == 3 for m in rep["per_bucket"].values())
+        assert rep["clock_error_ms"] is not None
+    finally:
+        for path in hidden.values():
+            path.with_suffix(".hidden").rename(path)
+    assert daemons.status(lab, 1)["peer_control"]["relayed"] > relayed0
+    one_owner_each(lab)
+    assert_no_connection_lost(traffic, before)
+    # garbage over the replication network: rejected, counted, nothing breaks
+    port = lab.cluster_config.replication.peer_control_port
+    addr = lab.cluster_config.node(2).replication_address
+    code = ("import socket,sys\n"
+            f"for junk in (b'GET / HTTP/1.0\\r\\n\\r\\n', bytes(range(256)) * 4):\n"
+            f"    s = socket.create_connection(({addr!r}, {port}), timeout=5)\n"
+            "    s.sendall(junk); s.shutdown(socket.SHUT_WR)\n"
+            "    assert s.recv(100) == b''\n"
+            "    s.close()\n")
+    lab.exec(lab.node_ns(1), [sys.executable, "-c", code], check=True)
+    rejected = daemons.status(lab, 2)["peer_control"]["rejected"]
+    # (the HTTP request is shorter than a header: truncated; the bytes: a bad magic)
+    assert rejected["truncated"] >= 1 and rejected["bad_magic"] >= 1, rejected
+    assert daemons.request(lab, 1, "relay", {"node": 2, "cmd": "status"})["result"][
+        "node_id"] == 2
