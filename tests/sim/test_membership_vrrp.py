@@ -196,3 +196,56 @@ def test_verdict_api_rejects_self_and_strangers_and_is_idempotent() -> None:
     c.vrrp_verdict(3, False, 0.3)
     st = c.statistics()
     assert st.vrrp_verdicts == 1 and st.vrrp_verdicts_withdrawn == 0 and c.vrrp_dead == {2}
+
+
+def _chaos(seed: int, nodes: list[int]) -> VrrpFarm:
+    """The chaos schedule of test_membership_chaos plus keepalived verdicts, true or false
+    (a node's keepalived may call a live peer dead, and withdraw it), with vrrp on."""
+    rng = random.Random(seed)
+    f = VrrpFarm(nodes, timing=Timing.from_profile("default" if seed % 2 else "fast"),
+                 seed=seed, loss=0.05, buckets=48)
+    f.settle()
+    for _ in range(16):
+        action = rng.choice(["cut", "oneway", "kill", "kill_up", "heal", "restart", "load",
+                             "verdict", "verdict", "withdraw"])
+        a, b = rng.sample(nodes, 2)
+        alive = f.nodes[a].daemon_alive
+        if action == "cut":
+            f.partition(a, b)
+        elif action == "oneway":
+            f.blocked.add((a, b))
+        elif action in ("kill", "kill_up") and alive:
+            f.kill(a, links_down=action == "kill")
+        elif action == "heal":
+            f.heal()
+        elif action == "restart" and not alive:
+            f.start(a)
+        elif action == "load":
+            f.nodes[a].load = rng.uniform(0, 0.03)
+        elif action in ("verdict", "withdraw") and alive:
+            f.verdict(a, b, dead=action == "verdict")
+        f.run_for(rng.uniform(0.05, 0.8))
+    assert f.violations == [], f.violations[:5]
+    f.heal()
+    for n in nodes:
+        f.nodes[n].load = 0.0
+        if not f.nodes[n].daemon_alive:
+            f.start(n)
+    for n in nodes:
+        for peer in f.nodes[n].core.vrrp_dead:
+            f.verdict(n, peer, dead=False)
+    f.run_for(3.0)
+    assert f.violations == [], f.violations[:5]
+    assert set(f.forwarding_owner()) == set(range(f.buckets))
+    return f
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_no_double_forwarding_under_chaos_with_true_and_false_verdicts(seed: int) -> None:
+    _chaos(seed, [1, 2, 3] if seed % 3 else [1, 2, 3, 4, 5])
+
+
+@pytest.mark.soak
+@pytest.mark.parametrize("seed", range(2000, 2200))
+def test_no_double_forwarding_under_chaos_with_verdicts_soak(seed: int) -> None:
+    _chaos(seed, [[1, 2, 3], [1, 2, 3, 4], [1, 2, 3, 4, 5]][seed % 3])
