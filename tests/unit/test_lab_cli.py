@@ -24,6 +24,8 @@ from lbsync.lab import farm
     (["lab", "exec", "1", "--"], ["no command"]),
     (["lab", "up", "--mode", "vrrp", "--ipv6"], ["vrrp"]),
     (["lab", "up", "--mode", "vrrp", "--advert-int", "0"], ["--advert-int"]),
+    (["lab", "up", "--keepalived"], ["--keepalived", "--daemons"]),
+    (["lab", "up", "--mode", "vrrp", "--keepalived"], ["vrrp", "--keepalived"]),
 ])
 def test_user_errors_are_one_line_exit_2(argv: list[str], words: list[str],
                                          capsys: pytest.CaptureFixture[str]) -> None:
