@@ -43,7 +43,7 @@ import msgpack
 
 from hashing.ownermap import ALGORITHM_VERSION, NO_OWNER, Member, OwnerMap, View, assign
 from lbsync.config import ClusterConfig, NodeConfig
-from lbsync.kernel.conntrack import Conntrack, dump_keys_blocking
+from lbsync.kernel.conntrack import Conntrack
 from lbsync.kernel.ctnetlink import KIND_DESTROY, CtEvent
 from lbsync.kernel.flowrecord import (
     IPPROTO_TCP,
@@ -673,7 +673,8 @@ class Node:
             if not self.stopping:
                 self._spawn(self._sweep(), "sweep")
 
-        self.loop.call_later(SWEEP_INTERVAL, fire)
+        # jittered: daemons started together must not sweep together (a shared host's CPUs)
+        self.loop.call_later(SWEEP_INTERVAL * random.uniform(0.8, 1.2), fire)
 
     async def _sweep(self) -> None:
         """Delete (and replicate the deletes of) owned store entries the kernel no longer
@@ -682,26 +683,26 @@ class Node:
         try:
             if not self.owned or self.kernel.resyncing:
                 return
-            before = {b: dict(self.store.flows(b)) for b in self.owned}
-            # One dump, in a worker thread: the loop never waits for it. (One mark-filtered
-            # dump per owned bucket blocked the loop ~45 ms each on a host whose conntrack
-            # table held other farms' entries, i.e. 1-1.5 s per sweep: every sweep fenced the
-            # node for a stall and ownership flapped; and decoding the whole table on the loop
-            # stalled it at 100k+ entries.)
-            present, interrupted = await self.loop.run_in_executor(
-                None, dump_keys_blocking, frozenset(before))
+            before: dict[int, dict[bytes, bytes]] = {}
+            for b in list(self.owned):  # a copy per bucket: no 100k-entry copy in one go
+                before[b] = dict(self.store.flows(b))
+                await asyncio.sleep(0)
+            # One dump on a socket of its own, decoded keys-only on the loop one recv at a time
+            # (KeyDumper.dump_keys, which says why not per mark and not in a worker thread).
+            present, interrupted = await self.kernel.sweeper.dump_keys(frozenset(before))
             if interrupted:
                 return
-            now = self.loop.time()
             n = 0
             for b, flows in before.items():
                 if b not in self.owned:
                     continue
+                now = self.loop.time()
                 for key, rec in flows.items():
                     if key not in present and self.store.get(FLOW, b, key) is rec:
                         self.ep.delete_flow(b, key, now)
                         self.in_kernel[b].discard(key)
                         n += 1
+                await asyncio.sleep(0)
             if n:
                 self.c["sweep_deleted"] += n
                 log.info("node.sweep deleted=%d", n)
@@ -711,22 +712,22 @@ class Node:
             self._schedule_sweep()
 
     def _schedule_digests(self) -> None:
-        """Every owned bucket's digest goes out once per DIGEST_INTERVAL, in DIGEST_SLICES
-        round-robin slices: after a burst every bucket's cached digest is stale, and hashing
-        100k entries in one callback stalled the loop for ~0.1 s (heartbeats late)."""
+        """Every owned bucket's digest goes out once per DIGEST_INTERVAL, one bucket per
+        callback, evenly spaced: after a burst every bucket's cached digest is stale and
+        hashing costs ~1.5 us an entry (100k entries in one callback stalled the loop ~0.1 s;
+        a slice of three buckets of a 100k-entry node, 20-40 ms, still fenced the fast
+        profile for a stall)."""
         def fire() -> None:
             owned = sorted(self.owned)
             if owned:
-                k = self._digest_slice % DIGEST_SLICES
-                part = owned[k::DIGEST_SLICES]
-                if part:
-                    self.ep.send_digests(part, self.loop.time())
-                    if self.transport is not None:
-                        self.transport.pump()
+                b = owned[self._digest_slice % len(owned)]
+                self.ep.send_digests([b], self.loop.time())
+                if self.transport is not None:
+                    self.transport.pump()
             self._digest_slice += 1
             self._schedule_digests()
 
-        self.loop.call_later(DIGEST_INTERVAL / DIGEST_SLICES, fire)
+        self.loop.call_later(DIGEST_INTERVAL / max(len(self.owned), DIGEST_SLICES), fire)
 
     # ------------------------------------------------------------------ status
 
