@@ -10,13 +10,19 @@ One case builds a 4-node lab (64 buckets, the lab's NAT rules; prefix ``lbth``),
    500, the issue's figure; ``--quick``: 200 and 100), mixed plain / ingress SNAT / DNAT /
    egress SNAT, 2 requests/s per flow;
 3. node 4 is started again (empty: it rejoins and resyncs; the readiness gate) and, once ready,
-   ``lbsync rebalance --max-concurrent K`` runs (default K 8): the plan moves a quarter of the
-   buckets (those ``hashing`` gives back to node 4), each by seal on the old owner and take on
-   node 4 after its stream reached the seal;
+   ``lbsync rebalance --max-concurrent K --node-id 1`` runs (default K 8): the plan moves a
+   quarter of the buckets (those ``hashing`` gives back to node 4), each by seal on the old
+   owner and take on node 4 after its stream reached the seal. ``--transport relay`` (the
+   default, what the CLI does): the CLI opens node 1's control socket only and node 1's
+   daemon relays the other nodes' requests over the replication network (lbsync/peerctl.py);
+   ``direct``: the CLI opens every node's socket (``--direct``, the lab-only mode);
 4. figures: moves, batches, per-bucket forwarding gap (take's claim commit - seal's release
    commit, ``time.monotonic()`` of two namespaces of one host) p50/p90/p99/max, the total
    rebalance time (plan, map agreement, every batch), and what the traffic saw: flows alive,
-   resets, errors, NAT peer changes (target: 0 connections lost; gap <= 50 ms per bucket).
+   resets, errors, NAT peer changes (target: 0 connections lost; gap <= 50 ms per bucket);
+5. the cost of a relay, with its baseline from the same run: ``ops-status`` of node 2 asked
+   ``--calls`` times directly on node 2's socket and as many times relayed by node 1
+   (``relay``), per-call p50/p99 and the ratio relayed / direct.
 
 Membership timing is the tolerant custom profile the kernel tests use (T_hb 0.5 s, T_dead 4 s):
 the gap of a planned handoff does not depend on failure detection, and on a busy host the
@@ -34,6 +40,7 @@ import sys
 import time
 from typing import Any
 
+from lbsync.control import call
 from lbsync.lab import daemons
 from lbsync.lab.farm import Lab
 from lbsync.lab.traffic import TrafficRun
@@ -47,7 +54,30 @@ def say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def run_case(tcp: int, udp: int, k: int) -> dict[str, Any]:
+def relay_cost(lab: Lab, calls: int) -> dict[str, Any]:
+    """Per-call time of ``ops-status`` on node 2: direct (its socket) and relayed by node 1."""
+    def timed(fn: Any) -> list[float]:
+        out = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+        return sorted(out)
+
+    def pct(xs: list[float], q: float) -> float:
+        return round(xs[min(len(xs) - 1, int(q * len(xs)))] * 1e3, 3)
+
+    direct = timed(lambda: call(daemons.socket_path(lab, 2), "ops-status"))
+    relayed = timed(lambda: call(daemons.socket_path(lab, 1), "relay",
+                                 {"node": 2, "cmd": "ops-status"}))
+    return {"calls": calls,
+            "direct_ms": {"p50": pct(direct, 0.5), "p99": pct(direct, 0.99)},
+            "relayed_ms": {"p50": pct(relayed, 0.5), "p99": pct(relayed, 0.99)},
+            "ratio_p50": round(pct(relayed, 0.5) / max(pct(direct, 0.5), 1e-3), 2)}
+
+
+def run_case(tcp: int, udp: int, k: int, transport: str = "relay",
+             calls: int = 200) -> dict[str, Any]:
     lab = Lab.create(unique_prefix("h"), NODES, buckets=BUCKETS)
     traffic: TrafficRun | None = None
     try:
@@ -80,7 +110,8 @@ def run_case(tcp: int, udp: int, k: int) -> dict[str, Any]:
             what=f"node {NODES} in node 1's ready view")
         cp = subprocess.run([sys.executable, "-m", "lbsync", "rebalance", "--json",
                              "--max-concurrent", str(k), "--config", str(lab.config_path),
-                             "--node-id", "1"], capture_output=True, text=True, timeout=120)
+                             "--node-id", "1", *(["--direct"] if transport == "direct" else [])],
+                            capture_output=True, text=True, timeout=120)
         if cp.returncode != 0:
             raise RuntimeError(f"rebalance failed: {cp.stderr.strip()[-300:]}")
         rep = json.loads(cp.stdout)
@@ -88,7 +119,10 @@ def run_case(tcp: int, udp: int, k: int) -> dict[str, Any]:
         final = traffic.stop()
         traffic = None
         owned4 = len(daemons.status(lab, NODES)["forwarding"])
+        cost = relay_cost(lab, calls)
         return {
+            "transport": transport, "relay_cost": cost,
+            "clock_error_ms": rep.get("clock_error_ms"),
             "tcp": tcp, "udp": udp, "max_concurrent": k, "buckets": BUCKETS, "nodes": NODES,
             "moves": rep["moves"], "moved": rep["moved"], "batches": rep["batches"],
             "moved_fraction": round(rep["moved"] / BUCKETS, 3), "node4_owns": owned4,
@@ -112,15 +146,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tcp", type=int, default=None)
     ap.add_argument("--udp", type=int, default=None)
     ap.add_argument("--max-concurrent", type=int, default=8)
+    ap.add_argument("--transport", choices=("relay", "direct"), default="relay",
+                    help="how the CLI reaches the other nodes (default: relayed by node 1)")
+    ap.add_argument("--calls", type=int, default=None,
+                    help="requests per mode for the relay cost (default 200; --quick 50)")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print(json.dumps({"error": "needs root"}))
         return 2
     tcp = args.tcp if args.tcp is not None else (200 if args.quick else 1000)
     udp = args.udp if args.udp is not None else (100 if args.quick else 500)
-    fig = run_case(tcp, udp, args.max_concurrent)
-    for key in ("moved", "moved_fraction", "batches", "gap_ms", "rebalance_total_s",
-                "flows", "alive", "resets", "nat_peer_changes", "lost"):
+    calls = args.calls if args.calls is not None else (50 if args.quick else 200)
+    fig = run_case(tcp, udp, args.max_concurrent, args.transport, calls)
+    for key in ("transport", "moved", "moved_fraction", "batches", "gap_ms",
+                "rebalance_total_s", "clock_error_ms", "flows", "alive", "resets",
+                "nat_peer_changes", "lost", "relay_cost"):
         say(f"{key:20} {fig[key]}")
     print(json.dumps(fig, sort_keys=True))
     return 0 if fig["lost"] == 0 and fig["resets"] == 0 else 1
