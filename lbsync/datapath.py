@@ -25,7 +25,12 @@ node (the node id only appears in the header comment). What the ruleset does, ho
 - ``set owned { type mark; flags timeout; }`` is always rendered empty: ownership is the
   daemon's, and the daemon gives its elements its majority lease as timeout (self-fencing).
 
-The ct mark value IS the bucket number (0..B-1); the ct mark belongs to lbsync.
+- ``output`` (priority mangle) and the first rule of ``prerouting``: the node's own connections
+  (opened by it, or arriving on any other interface) get ct mark ``LOCAL_MARK`` (0xffffffff),
+  which is never a bucket.
+
+The ct mark value IS the bucket number (0..B-1) for forwarded flows; the ct mark belongs to
+lbsync.
 """
 
 from __future__ import annotations
@@ -61,6 +66,12 @@ _L4 = "{ tcp, udp }"
 # ct event bits new..synproxy (0x001..0x800): the full mask, written as a number because nft
 # 1.0.6 rejects some of the names (DESIGN section 4).
 CT_EVENTS_ALL = 0xFFF
+
+# The ct mark of the node's own connections (replication peer control, management, VRRP...):
+# never a bucket (buckets are 0..4095), so owners neither replicate them (the event filter
+# passes owned marks only) nor treat them as standby copies. Without it they kept mark 0 and
+# looked like bucket 0's flows.
+LOCAL_MARK = 0xFFFFFFFF
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,6 +152,7 @@ def _stamp_rules(cfg: ClusterConfig) -> list[str]:
 def _prerouting_chain(cfg: ClusterConfig) -> Chain:
     cluster = _ifset((cfg.interfaces.outside, cfg.interfaces.inside))
     rules = [
+        f"iifname != {cluster} ct state new ct mark set 0x{LOCAL_MARK:x}",
         f"iifname != {cluster} accept",
         "ct state invalid drop",
         *_stamp_rules(cfg),
@@ -148,6 +160,12 @@ def _prerouting_chain(cfg: ClusterConfig) -> Chain:
         f"ct event set 0x{CT_EVENTS_ALL:x}",
     ]
     return Chain("prerouting", tuple(rules), ("filter", "prerouting", "mangle"))
+
+
+def _output_chain() -> Chain:
+    # connections this node opens itself (priority mangle: conntrack has seen the packet)
+    return Chain("output", (f"ct state new ct mark set 0x{LOCAL_MARK:x}",),
+                 ("filter", "output", "mangle"))
 
 
 def _input_chain(cfg: ClusterConfig) -> Chain:
@@ -214,6 +232,7 @@ def build_chains(cfg: ClusterConfig) -> tuple[Chain, ...]:
         *_raw_chains(cfg),
         _prerouting_chain(cfg),
         _input_chain(cfg),
+        _output_chain(),
         Chain("dstnat", tuple(_dnat_rules(cfg)), ("nat", "prerouting", "dstnat")),
         Chain("srcnat", tuple(snat_rules), ("nat", "postrouting", "srcnat")),
         *bucket_chains,

@@ -1,7 +1,8 @@
 """``lbsync demo``: a real farm in network namespaces survives the death of a node.
 
 Steps, each printed as it happens: build a 3-node lab (nothing changes in the root namespace),
-start a daemon per node, open long-lived TCP and UDP flows through the farm (plain, ingress
+start a daemon and keepalived (lbsync's second failure signal, VRRP on the management link) per
+node, open long-lived TCP and UDP flows through the farm (plain, ingress
 SNAT, DNAT, egress SNAT), kill one node hard (SIGKILL its daemon and take its links down in the
 same instant), watch the survivors claim its buckets, bring the node back (it rejoins empty and
 resyncs before it may own anything), hand its share back by planned handoff (``lbsync
@@ -67,8 +68,25 @@ def render_summary(s: dict[str, Any]) -> str:
         ["longest silence per flow, p99 (s)", s["longest_silence_p99_s"]],
         ["buckets handed back", s["handback_buckets"]],
         ["handback gap per bucket, max (ms)", s["handback_gap_max_ms"]],
+        ["keepalived MASTER of the victim's instance", s.get("vrrp_master_of_victim")],
     ])
     return "\n".join(lines)
+
+
+def _vrrp_master(lab: Lab, survivors: list[int], victim: int) -> int | None:
+    """The survivor keepalived made MASTER of the victim's instance (waits up to 5 s)."""
+    from lbsync.keepalived import instance_name
+
+    def who() -> int | None:
+        return next((i for i in survivors
+                     if daemons.vrrp_states(lab, i).get(instance_name(victim)) == "MASTER"),
+                    None)
+
+    try:
+        found: int | None = daemons.wait_for(who, 5, interval=0.05, what="VRRP master")
+    except LabError:
+        return None
+    return found
 
 
 def _rebalance(lab: Lab, node: int) -> dict[str, Any]:
@@ -101,9 +119,10 @@ def _demo(args: argparse.Namespace) -> int:
     try:
         _say(f"building a {args.nodes}-node lab farm {args.name!r} in network namespaces")
         lab = Lab.create(args.name, args.nodes, buckets=64)
-        _say("starting lbsync on every node")
-        daemons.start_daemons(lab)
-        daemons.wait_ready(lab, timeout=30)
+        _say("starting lbsync and keepalived (one VRRP instance per node on the management "
+             "link: lbsync's second failure signal) on every node")
+        daemons.up(lab, keepalived=True, timeout=30)
+        _say("keepalived steady: every node MASTER of its own instance, BACKUP of the others'")
         owners = {i: len(daemons.status(lab, i)["forwarding"]) for i in lab.node_ids}
         per_node: dict[int, dict[str, Any]] = {i: {"start": n} for i, n in owners.items()}
         _say("farm ready; buckets per node: "
@@ -124,7 +143,7 @@ def _demo(args: argparse.Namespace) -> int:
         victim_buckets = set(daemons.status(lab, victim)["forwarding"])
         _say(f"killing node {victim} (SIGKILL + links down); it owned "
              f"{len(victim_buckets)} buckets")
-        t0 = daemons.kill_daemon(lab, victim, links_down=True)
+        t0 = daemons.kill_node(lab, victim, links_down=True)
 
         def claimed() -> list[dict[str, Any]] | None:
             recs = [r for i in survivors for r in daemons.status(lab, i)["takeovers"]
@@ -140,6 +159,10 @@ def _demo(args: argparse.Namespace) -> int:
                  f"(safety pass {r['safety_pass_s'] * 1000:.1f} ms, injected {r['injected']}, "
                  f"claim {r['claim_s'] * 1000:.1f} ms)")
         _say(f"all of node {victim}'s buckets claimed {t_claim * 1000:.0f} ms after the kill")
+        vrrp_master = _vrrp_master(lab, survivors, victim)
+        _say(f"keepalived: node {vrrp_master} is MASTER of lbsync-{victim} (VRRP agrees: node "
+             f"{victim} is dead)" if vrrp_master else
+             f"keepalived: no survivor reports MASTER of lbsync-{victim} yet")
         time.sleep(3.0)
         for i in lab.node_ids:
             per_node[i]["after_kill"] = (len(daemons.status(lab, i)["forwarding"])
@@ -153,6 +176,7 @@ def _demo(args: argparse.Namespace) -> int:
         _say(f"bringing node {victim} back: it rejoins empty and resyncs before owning anything")
         daemons.links(lab, victim, up=True)
         daemons.start_daemon(lab, victim)
+        daemons.start_keepalived(lab, victim)
         back = daemons.wait_for(lambda: (s := daemons.status(lab, victim))["ready"] and s,
                                 30, what="rejoin")
         _say(f"node {victim} ready with {back['store_entries']} standby entries, owning "
@@ -164,6 +188,8 @@ def _demo(args: argparse.Namespace) -> int:
              f"{handback['batches']} batches, {handback['total_s']} s; forwarding gap per "
              f"bucket p50 {gaps.get('p50')} ms, max {gaps.get('max')} ms")
         owned_back = len(daemons.status(lab, victim)["forwarding"])
+        daemons.wait_vrrp_steady(lab, timeout=20)
+        _say(f"keepalived steady again: node {victim} MASTER of lbsync-{victim}")
         for i in lab.node_ids:
             st = daemons.status(lab, i)
             per_node[i]["after_handback"] = len(st["forwarding"])
@@ -179,7 +205,7 @@ def _demo(args: argparse.Namespace) -> int:
             "lost": final["flows"] - final["alive"],
             "longest_silence_p99_s": (final.get("longest_silence") or {}).get("p99"),
             "handback_buckets": handback["moved"], "victim_owns_after_handback": owned_back,
-            "handback_gap_max_ms": gaps.get("max"),
+            "handback_gap_max_ms": gaps.get("max"), "vrrp_master_of_victim": vrrp_master,
             "per_node": {str(i): row for i, row in per_node.items()},
         }
     except LabError as exc:

@@ -87,7 +87,11 @@ def test_prerouting_order_guards_stamp_then_ownership() -> None:
     text = render_ruleset(parse_cluster(small(16, hash_seed=0x1234)), 1)
     body = chain_body(text, "prerouting")
     assert body[0] == "type filter hook prerouting priority mangle; policy accept;"
-    assert body[1] == 'iifname != { "inside0", "outside0" } accept'
+    # the node's own connections: a mark that is never a bucket, then out of the datapath
+    assert body[1] == 'iifname != { "inside0", "outside0" } ct state new ct mark set 0xffffffff'
+    assert body[2] == 'iifname != { "inside0", "outside0" } accept'
+    assert chain_body(text, "output")[1:] == ["ct state new ct mark set 0xffffffff"]
+    body = body[1:]
     assert body[2] == "ct state invalid drop"
     stamps = body[3:11]
     assert all(r.startswith("ct state new iifname ") and " ct mark set jhash " in r
@@ -258,6 +262,9 @@ def test_apply_text_flushes_deletes_stale_and_never_touches_owned() -> None:
         "flush chain inet lbsync prerouting",
         "add chain inet lbsync input { type filter hook input priority 0; policy accept; }",
         "flush chain inet lbsync input",
+        "add chain inet lbsync output { type filter hook output priority -150; "
+        "policy accept; }",
+        "flush chain inet lbsync output",
         "add chain inet lbsync dstnat { type nat hook prerouting priority -100; "
         "policy accept; }",
         "flush chain inet lbsync dstnat",
