@@ -38,6 +38,9 @@ Rules (:class:`FrameChecker`, sans-IO: the caller passes the wall clock):
   frame gets no answer (the connection is closed), an authenticated but refused request
   (``not_relayable``, ``bad_body``) gets an authenticated error answer. Nothing a peer sends
   can raise out of the listener.
+- Bounded: at most :data:`MAX_CONNECTIONS` served at once; a started frame must be complete
+  within :data:`FRAME_TIMEOUT`, and so must the first frame of a connection; after an
+  authenticated frame a connection may stay idle for :data:`IDLE_TIMEOUT`.
 
 The asyncio side: :class:`PeerControlServer` (the listener, bounded connections, read
 timeouts), :class:`PeerClient` (one persistent connection per peer, one request at a time,
@@ -358,7 +361,7 @@ class PeerControlServer:
         self.wall = wall
         self.mono = mono
         self._server: asyncio.AbstractServer | None = None
-        self._conns: set[asyncio.Task[Any]] = set()
+        self._conns: set[asyncio.StreamWriter] = set()
         self.served = 0
         self.served_by_sender: Counter[int] = Counter()
         self.answered_errors = 0
@@ -371,8 +374,8 @@ class PeerControlServer:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-            for t in list(self._conns):
-                t.cancel()
+            for w in list(self._conns):  # their reads end (EOF), their tasks return
+                w.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
             self._server = None
@@ -389,41 +392,48 @@ class PeerControlServer:
 
     async def _accept(self, reader: asyncio.StreamReader,
                       writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
         peername = writer.get_extra_info("peername")
         peer = str(peername[0]) if isinstance(peername, tuple) and peername else "?"
         if len(self._conns) >= MAX_CONNECTIONS:
             self._reject("too_many_connections", peer)
             writer.close()
             return
-        if task is not None:
-            self._conns.add(task)
+        self._conns.add(writer)
         try:
             await self._serve(reader, writer, peer)
-        except (ConnectionError, OSError, asyncio.CancelledError):
+        except (ConnectionError, OSError):
             pass
         except Exception:  # the listener never dies of what a peer sent
             log.exception("peerctl.serve_failed peer=%s", peer)
         finally:
-            if task is not None:
-                self._conns.discard(task)
+            self._conns.discard(writer)
             writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      peer: str) -> None:
+        authenticated = False
         while True:
+            # a connection that never sent an authenticated frame gets FRAME_TIMEOUT, not
+            # IDLE_TIMEOUT: silent or trickling connections cannot hold the slots
             try:
-                raw = await asyncio.wait_for(reader.readexactly(HEADER_LEN), IDLE_TIMEOUT)
+                first = await asyncio.wait_for(
+                    reader.readexactly(1), IDLE_TIMEOUT if authenticated else FRAME_TIMEOUT)
             except TimeoutError:
+                if not authenticated:
+                    self._reject("frame_timeout", peer, "nothing sent")
                 return
-            except asyncio.IncompleteReadError as exc:
-                if exc.partial:
-                    self._reject("truncated", peer, f"header of {len(exc.partial)} bytes")
+            except asyncio.IncompleteReadError:
                 return
-            t_recv = self.mono()
             try:
+                try:
+                    raw = first + await asyncio.wait_for(
+                        reader.readexactly(HEADER_LEN - 1), FRAME_TIMEOUT)
+                except TimeoutError:
+                    raise FrameRejected("frame_timeout", "header") from None
+                except asyncio.IncompleteReadError as exc:
+                    raise FrameRejected("truncated",
+                                        f"header of {1 + len(exc.partial)} bytes") from None
+                t_recv = self.mono()
                 head = parse_header(raw, max_body=MAX_REQUEST)
                 try:
                     rest = await asyncio.wait_for(
@@ -441,6 +451,7 @@ class PeerControlServer:
             except FrameRejected as exc:
                 self._log_rejection(exc.reason, peer, str(exc))
                 return  # unauthenticated or unacceptable: no answer, no resync of framing
+            authenticated = True
             answer = await self._run(frame, peer)
             answer["t_recv"] = t_recv
             answer["t_send"] = self.mono()

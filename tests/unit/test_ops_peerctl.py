@@ -303,12 +303,14 @@ def make_peer(node_id: int, port: int, ring: KeyRing = RING) -> Peer:
 async def _raw(port: int, data: bytes, *, close: bool = True) -> bytes:
     """Send ``data`` from 127.0.0.1 to node 2's listener; whatever comes back before EOF."""
     r, w = await asyncio.open_connection("127.0.0.2", port, local_addr=("127.0.0.1", 0))
-    w.write(data)
-    await w.drain()
-    if close:
-        w.write_eof()
     try:
+        w.write(data)
+        await w.drain()
+        if close:
+            w.write_eof()
         return await asyncio.wait_for(r.read(), 5.0)
+    except ConnectionResetError:  # closed by the listener with our bytes unread
+        return b""
     finally:
         w.close()
 
@@ -550,3 +552,45 @@ def test_relayed_drill_refuses_to_fail_the_local_node() -> None:
     with pytest.raises(DrillError, match="this node"):
         run_fail_drill(farm, 1)
     assert fake.paths == []
+
+
+def test_silent_and_surplus_connections_cannot_hold_the_listener(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import lbsync.peerctl as peerctl
+
+    monkeypatch.setattr(peerctl, "FRAME_TIMEOUT", 0.2)
+    monkeypatch.setattr(peerctl, "MAX_CONNECTIONS", 2)
+
+    async def main() -> None:
+        port = _free_port()
+        two = make_peer(2, port)
+        await two.ctl.start()
+        try:
+            # two silent connections take the slots; a third is turned away at once
+            silent = [await asyncio.open_connection("127.0.0.2", port,
+                                                    local_addr=("127.0.0.1", 0))
+                      for _ in range(2)]
+            await asyncio.sleep(0.05)
+            assert await _raw(port, request(wall=time.time())) == b""
+            # ... until the silent ones time out (nothing sent within FRAME_TIMEOUT)
+            for r, _w in silent:
+                assert await asyncio.wait_for(r.read(), 5.0) == b""
+            for _r, w in silent:
+                w.close()
+            rej = two.ctl.statistics().rejected
+            assert rej["too_many_connections"] == 1 and rej["frame_timeout"] == 2
+            # a trickled header is cut off too
+            r, w = await asyncio.open_connection("127.0.0.2", port,
+                                                 local_addr=("127.0.0.1", 0))
+            w.write(b"LBPC")
+            assert await asyncio.wait_for(r.read(), 5.0) == b""
+            w.close()
+            assert two.ctl.statistics().rejected["frame_timeout"] == 3
+            one = make_peer(1, port)
+            assert (await one.ctl.relay({"node": 2, "cmd": "status"}))["result"]["node_id"] == 2
+            await one.ctl.close()
+            assert two.ran == [("status", {})]
+        finally:
+            await two.ctl.close()
+
+    run(main())
