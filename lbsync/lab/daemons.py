@@ -33,8 +33,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lbsync.config import RUN_DIR, load_cluster
+from lbsync.config import load_cluster
 from lbsync.control import ControlError, call
+from lbsync.lab import farm
 from lbsync.lab.farm import Lab, LabError, netns_pids, ns_argv
 
 KEY_FILE = "cluster.key"
@@ -202,14 +203,9 @@ def _wait_gone(pid: int, timeout: float = 10.0) -> None:
 
 
 def remove_runtime_files(prefix: str) -> None:
-    """The lab daemons' control sockets and lock files (left behind by SIGKILL), and the
-    keepalived notify FIFOs (``<prefix>-<i>.vrrp.fifo``)."""
-    for p in RUN_DIR.glob(f"{prefix}-*"):
-        runtime = p.suffix in (".sock", ".lock") and (p.is_file() or p.is_socket())
-        fifo = p.name.endswith(".vrrp.fifo") and p.is_fifo()
-        if runtime or fifo:
-            with contextlib.suppress(OSError):
-                p.unlink()
+    """The lab daemons' control sockets, lock files and keepalived FIFOs (left behind by
+    SIGKILL); :func:`lbsync.lab.farm.destroy` removes them too."""
+    farm.remove_runtime_files(prefix)
 
 
 # --------------------------------------------------------------------------------------------

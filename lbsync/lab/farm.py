@@ -844,13 +844,18 @@ def destroy(prefix: str, *, root: Path = LAB_ROOT) -> bool:
         with contextlib.suppress(OSError):
             pnetns.remove(ns)
     shutil.rmtree(directory, ignore_errors=True)
-    # The lab's cluster is named after its prefix: its daemons' control sockets and locks
-    # (/run/lbsync/<prefix>-<node>.{sock,lock}) go too (a SIGKILLed daemon leaves them).
-    runtime = re.compile(rf"^{re.escape(prefix)}-\d+\.(sock|lock)$")
+    remove_runtime_files(prefix)
+    log.info("lab.down prefix=%s namespaces=%d processes=%d", prefix, len(names), len(pids))
+    return True
+
+
+def remove_runtime_files(prefix: str) -> None:
+    """The lab's cluster is named after its prefix: its daemons' control sockets and locks and
+    keepalived's notify FIFOs (/run/lbsync/<prefix>-<node>.{sock,lock,vrrp.fifo}; a SIGKILLed
+    daemon leaves them)."""
+    runtime = re.compile(rf"^{re.escape(prefix)}-\d+\.(sock|lock|vrrp\.fifo)$")
     with contextlib.suppress(FileNotFoundError):
         for entry in os.scandir(RUN_DIR):
             if runtime.match(entry.name):
                 with contextlib.suppress(OSError):
                     os.unlink(entry.path)
-    log.info("lab.down prefix=%s namespaces=%d processes=%d", prefix, len(names), len(pids))
-    return True
