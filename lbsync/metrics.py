@@ -86,6 +86,12 @@ SERIES: dict[str, str] = {
     "lbsync_takeover_claim_seconds": "histogram: nft claim transaction of a takeover",
     "lbsync_takeover_detection_seconds": "histogram: last heard -> declared lost",
     "lbsync_takeover_total_seconds": "histogram: last heard -> claimed",
+    "lbsync_vrrp_reporting": "gauge: 1 while keepalived reports through the notify FIFO "
+                             "(absent when [keepalived] is not enabled)",
+    "lbsync_vrrp_instance_state": "gauge{instance,state}: 1 for the state keepalived last "
+                                  "reported for each lbsync instance on this node",
+    "lbsync_vrrp_events_total": "counter{event}: keepalived lines and the events read from "
+                                "them (peers declared dead / returned, own link failures...)",
     "lbsync_handoff_gap_seconds": "histogram: planned handoff forwarding gap per bucket "
                                   "taken by this node (release on the old owner -> claim "
                                   "here; same-host clocks)",
@@ -243,8 +249,26 @@ class SnapshotCollector:
                           ("total", "lbsync_takeover_total_seconds"),
                           ("handoff", "lbsync_handoff_gap_seconds")):
             yield self._hist[key].family(name, SERIES[name])
+        if (vrrp := st.get("vrrp")) is not None:
+            yield from _vrrp_metrics(vrrp)
         if self._map is not None:
             yield from _map_metrics(self._map())
+
+
+VRRP_STATES = ("INIT", "BACKUP", "MASTER", "FAULT", "STOP", "DELETED")
+
+
+def _vrrp_metrics(v: Mapping[str, Any]) -> Iterable[Metric]:
+    yield _g("lbsync_vrrp_reporting", int(bool(v.get("reporting"))))
+    interp = v.get("interpreter") or {}
+    state = GaugeMetricFamily("lbsync_vrrp_instance_state",
+                              SERIES["lbsync_vrrp_instance_state"], labels=["instance", "state"])
+    for inst, cur in sorted((interp.get("states") or {}).items()):
+        for name in VRRP_STATES:
+            state.add_metric([inst, name], int(cur == name))
+    yield state
+    yield _labelled_counter("lbsync_vrrp_events", "event", {
+        k: n for k, n in interp.items() if isinstance(n, int) and not isinstance(n, bool)})
 
 
 def _map_metrics(m: Mapping[str, Any]) -> Iterable[Metric]:

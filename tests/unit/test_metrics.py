@@ -40,6 +40,10 @@ def snapshot(takeovers: list[dict[str, Any]] | None = None) -> dict[str, Any]:
              "claim_s": 0.002}],
         "replication_peers": {"2": {"lag": 4, "open_gaps": 1}},
         "pending_resyncs": 0,
+        "vrrp": {"reporting": True,
+                 "interpreter": {"lines": 7, "peers_declared_dead": 1, "own_link_failures": 0,
+                                 "states": {"lbsync-1": "MASTER", "lbsync-2": "MASTER",
+                                            "lbsync-3": "BACKUP"}}},
     }
 
 
@@ -72,6 +76,19 @@ def test_every_documented_series_is_served() -> None:
     assert owners == {("0", "1"), ("1", "2"), ("2", "1"), ("3", "2")}
     up = {s.labels["peer"]: s.value for s in fam["lbsync_peer_up"].samples}
     assert up == {"2": 1, "3": 0}
+    vrrp = {(s.labels["instance"], s.labels["state"]) for s in
+            fam["lbsync_vrrp_instance_state"].samples if s.value == 1}
+    assert vrrp == {("lbsync-1", "MASTER"), ("lbsync-2", "MASTER"), ("lbsync-3", "BACKUP")}
+    ev = {s.labels["event"]: s.value for s in fam["lbsync_vrrp_events"].samples
+          if s.name == "lbsync_vrrp_events_total"}
+    assert ev["peers_declared_dead"] == 1 and ev["lines"] == 7
+
+
+def test_no_vrrp_series_without_keepalived() -> None:
+    snap = snapshot()
+    del snap["vrrp"]
+    fam = families(render(SnapshotCollector(lambda: snap)))
+    assert not any(n.startswith("lbsync_vrrp") for n in fam)
 
 
 def test_takeover_histograms_count_each_record_once() -> None:
