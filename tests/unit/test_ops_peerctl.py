@@ -594,3 +594,26 @@ def test_silent_and_surplus_connections_cannot_hold_the_listener(
             await two.ctl.close()
 
     run(main())
+
+
+def test_cli_relays_through_the_named_local_node(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from lbsync.cli import main
+    from lbsync.lab.farm import cluster_dict, to_toml
+
+    path = tmp_path / "cluster.toml"
+    path.write_text(to_toml(cluster_dict("lbtu", 3, ipv6=False, buckets=64,
+                                         directory=tmp_path)))
+    node_file = Path("/etc/lbsync/node.toml")
+    if not node_file.exists():  # no local node known: one line, exit 2
+        assert main(["drill", "fail", "2", "--config", str(path)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--node-id" in err[0]
+    # failing the local node is refused before anything is sent (exit 1, one line)
+    assert main(["drill", "fail", "1", "--node-id", "1", "--config", str(path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "this node" in err[0]
+    # no local daemon: the relay's socket is named
+    assert main(["rebalance", "--node-id", "2", "--config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "lbtu-2.sock" in err
