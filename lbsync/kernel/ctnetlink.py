@@ -484,6 +484,26 @@ _IGNORED = frozenset({CTA_COUNTERS_ORIG, CTA_COUNTERS_REPLY, CTA_USE, CTA_ID, CT
 _TCPINFO_IN = struct.Struct(">B3x4sB3x4sB3x4sB3x4sB3x").unpack_from
 
 
+# Event fast path: the kernel's events (6.x: ctnetlink_conntrack_event) start with the same five
+# attributes every time: CTA_TUPLE_ORIG, CTA_TUPLE_REPLY (address + ports layout, see _tuple),
+# CTA_ID, CTA_STATUS, CTA_TIMEOUT. One unpack of the attribute headers compared with the expected
+# ones, one unpack of the values, replace two _tuple calls and three turns of the generic loop
+# (~1.5 us of ~4.3 per event); the attributes after the prefix take the generic loop. Any other
+# start (a zone, ICMP, a dump's order) takes the generic loop from the first attribute.
+def _prefix_structs(alen: int) -> tuple[int, Any, Any, tuple[int, ...]]:
+    # headers as native u32 (len, type), values skipped; values with headers skipped
+    t_hdrs = f"III{alen}xI{alen}xIIxxxxIxxxxIxxxx"
+    t_vals = f"12x{alen}s4x{alen}s8xB3x4xH2x4xH2x"
+    hdrs = struct.Struct("=" + t_hdrs + t_hdrs + "I4xI4xI4x")
+    vals = struct.Struct(">" + t_vals + t_vals + "8x4xI4xI")
+    tup = encode_tuple(CTA_TUPLE_ORIG, IPPROTO_TCP, b"\0" * alen, b"\0" * alen, 0, 0)
+    rep = encode_tuple(CTA_TUPLE_REPLY, IPPROTO_TCP, b"\0" * alen, b"\0" * alen, 0, 0)
+    template = (tup + rep + _u32attr(CTA_ID, 0) + _u32attr(CTA_STATUS, 0)
+                + _u32attr(CTA_TIMEOUT, 0))
+    assert len(template) == hdrs.size == vals.size
+    return hdrs.size, hdrs.unpack_from, vals.unpack_from, hdrs.unpack(template)
+
+
 def _decode_ct(buf: bytes, pos: int, end: int, family: int, kind: int, portid: int) -> CtEvent:
     """Decode the attributes of one conntrack message (after the nfgenmsg header)."""
     orig: tuple[int, bytes, bytes, int, int] | None = None
@@ -499,6 +519,15 @@ def _decode_ct(buf: bytes, pos: int, end: int, family: int, kind: int, portid: i
     nla = _NLA.unpack_from
     u32 = _U32BE.unpack_from
     ignored = _IGNORED
+    if family == AF_INET:
+        size, hdrs, vals, want = _PREFIX_V4
+    else:
+        size, hdrs, vals, want = _PREFIX_V6
+    if end - pos >= size and hdrs(buf, pos) == want:
+        osrc, odst, l4, osp, odp, rsrc, rdst, rl4, rsp, rdp, status, timeout = vals(buf, pos)
+        orig = (l4, osrc, odst, osp, odp)
+        reply = (rl4, rsrc, rdst, rsp, rdp)
+        pos += size
     # Literal attribute numbers below (see the CTA_* names in the comments): this loop runs
     # ~8 times per event, and constants beat global lookups.
     while pos < end:
@@ -772,6 +801,10 @@ _H_PORT_MAX = _NLA.pack(6, CTA_PROTONAT_PORT_MAX)
 
 def _u32attr(atype: int, v: int) -> bytes:
     return _NLA.pack(8, atype) + _U32BE.pack(v)
+
+
+_PREFIX_V4 = _prefix_structs(4)
+_PREFIX_V6 = _prefix_structs(16)
 
 
 def _protoinfo_attr(l4: int, pi: list[Any]) -> bytes:

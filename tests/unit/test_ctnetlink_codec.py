@@ -254,3 +254,21 @@ def test_bpf_drops_exactly_the_given_ports(pids: list[int]) -> None:
     for pid in [*pids, 0, 4243, 123456]:
         msg = struct.pack("=IHHII", 20, C.CT_NEW, 0, 0, pid)
         assert run_bpf(prog, msg) == (0 if pid in pids else 0xFFFFFFFF)
+
+
+def test_event_prefix_fast_path_equals_the_generic_walk(monkeypatch: pytest.MonkeyPatch
+                                                        ) -> None:
+    """Captured kernel messages decode the same with and without the event fast path (orig,
+    reply, id, status, timeout in one unpack), and the captured events do take it."""
+    from tests.unit.test_ctnetlink_oracle import CT_MESSAGES
+
+    fast = [C.decode(m) for m in CT_MESSAGES]
+    taken = 0
+    for m in CT_MESSAGES:
+        prefix = C._PREFIX_V4 if m[16] == AF_INET else C._PREFIX_V6
+        taken += len(m) >= 20 + prefix[0] and prefix[1](m, 20) == prefix[3]
+    assert taken >= 10
+    never = (1 << 20, C._PREFIX_V4[1], C._PREFIX_V4[2], ())
+    monkeypatch.setattr(C, "_PREFIX_V4", never)
+    monkeypatch.setattr(C, "_PREFIX_V6", (1 << 20, C._PREFIX_V6[1], C._PREFIX_V6[2], ()))
+    assert [C.decode(m) for m in CT_MESSAGES] == fast
