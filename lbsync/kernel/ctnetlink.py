@@ -24,7 +24,7 @@ Rules:
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -887,17 +887,88 @@ def _create_body(f: list[Any], default_timeout: int) -> tuple[int, bytes]:
     return family, b"".join(parts)
 
 
+# Whole-create fast path for the commonest standby copy: ports (TCP, UDP, ...), no NAT, zone 0,
+# no helper, labels, sequence adjustment or master; optionally TCP protoinfo. Header, both
+# tuples, status/timeout/mark (and the TCP protoinfo) in two packs, the constant attribute
+# headers bound once per layout (the generic encode was ~2 us of a receiver's per-flow work;
+# the output is byte-identical to _create_body's, see the unit test).
+def _create_packer(alen: int, tcp: bool) -> Callable[..., bytes]:
+    def headers(atype: int) -> tuple[bytes, bytes, bytes, bytes, bytes]:
+        h = _fast_headers(alen, *((CTA_IP_V4_SRC, CTA_IP_V4_DST) if alen == 4
+                                  else (CTA_IP_V6_SRC, CTA_IP_V6_DST)))
+        outer = _NLA.pack(4 + 4 + 2 * (4 + alen) + 28, atype | NLA_F_NESTED)
+        return outer + h[0] + h[1], h[2], h[3] + h[4], h[5], h[6]
+    tup = f"12s{alen}s4s{alen}s8sB3x4sH2x4sH2x"
+    st = struct.Struct(">" + tup + tup + "4sI4sI4sI"
+                       + ("12sB3x4sB3x4sB3x4sBB2x4sBB2x" if tcp else ""))
+    pack, size, hdr = st.pack, 20 + st.size, _NLMSG_NFGEN.pack
+    o0, o1, o2, o3, o4 = headers(CTA_TUPLE_ORIG)
+    r0, r1, r2, r3, r4 = headers(CTA_TUPLE_REPLY)
+    hs, ht, hm = _H_STATUS, _H_TIMEOUT, _H_MARK
+    hti, hwo, hwr, hfo, hfr = _H_TCPINFO, _H_WS_O, _H_WS_R, _H_FL_O, _H_FL_R
+
+    if not tcp:
+        def create(flags: int, seq: int, family: int, l4: int, osrc: bytes, odst: bytes,
+                   osp: int, odp: int, rsrc: bytes, rdst: bytes, rsp: int, rdp: int,
+                   status: int, timeout: int, mark: int, pi: Any) -> bytes:
+            return hdr(size, CT_NEW, flags, seq, 0, family, 0, 0) + pack(
+                o0, osrc, o1, odst, o2, l4, o3, osp, o4, odp,
+                r0, rsrc, r1, rdst, r2, l4, r3, rsp, r4, rdp, hs, status, ht, timeout, hm, mark)
+        return create
+
+    def create_tcp(flags: int, seq: int, family: int, l4: int, osrc: bytes, odst: bytes,
+                   osp: int, odp: int, rsrc: bytes, rdst: bytes, rsp: int, rdp: int,
+                   status: int, timeout: int, mark: int, pi: Any) -> bytes:
+        st, ws_o, ws_r, fl_o, fl_r = pi
+        return hdr(size, CT_NEW, flags, seq, 0, family, 0, 0) + pack(
+            o0, osrc, o1, odst, o2, l4, o3, osp, o4, odp,
+            r0, rsrc, r1, rdst, r2, l4, r3, rsp, r4, rdp, hs, status, ht, timeout, hm, mark,
+            hti, st, hwo, ws_o, hwr, ws_r, hfo, fl_o, 0xFF, hfr, fl_r, 0xFF)
+    return create_tcp
+
+
+_CREATE_FAST = {(family, tcp): _create_packer(alen, tcp)
+                for family, alen in ((AF_INET, 4), (AF_INET6, 16)) for tcp in (False, True)}
+_NO_FAST_STATUS = IPS_SRC_NAT | IPS_DST_NAT
+
+
+def _create_fast(f: list[Any], seq: int, flags: int, default_timeout: int) -> bytes | None:
+    """The create message of packed-form ``f`` on the fast path, or None (not its shape)."""
+    if len(f) != 14:
+        return None
+    _v, family, l4, o, r, status, timeout, mark, zone, pi, helper, labels, seqadj, master = f
+    tcp = pi is not None
+    create = _CREATE_FAST.get((family, tcp))
+    if (create is None or l4 not in PORT_PROTOS or status & _NO_FAST_STATUS or zone
+            or helper is not None or labels is not None or seqadj is not None
+            or master is not None or (tcp and (l4 != IPPROTO_TCP or len(pi) != 5))
+            or len(o) != 4 or len(r) != 4):
+        return None
+    osrc, odst, osp, odp = o
+    rsrc, rdst, rsp, rdp = r
+    alen = 4 if family == AF_INET else 16
+    if not (len(osrc) == len(odst) == len(rsrc) == len(rdst) == alen):
+        return None
+    return create(flags, seq, family, l4, osrc, odst, osp, odp, rsrc, rdst, rsp, rdp,
+                  (status & CREATE_STATUS_MASK) | IPS_CONFIRMED,
+                  default_timeout if timeout is None else timeout, mark, pi)
+
+
 def encode_create(record: bytes, seq: int, *, ack: bool = False,
                   default_timeout: int = 120) -> bytes:
     """One IPCTNL_MSG_CT_NEW (create, fail with EEXIST if present) for a packed record."""
+    flags = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL | (NLM_F_ACK if ack else 0)
     try:
-        family, body = _create_body(unpack_fields(record), default_timeout)
+        f = unpack_fields(record)
+        msg = _create_fast(f, seq, flags, default_timeout)
+        if msg is not None:
+            return msg
+        family, body = _create_body(f, default_timeout)
     except (IndexError, TypeError, ValueError, AttributeError, OverflowError,
             struct.error) as e:
         if isinstance(e, RecordError):
             raise
         raise RecordError(f"record cannot be encoded: {e}") from None
-    flags = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL | (NLM_F_ACK if ack else 0)
     return _nfmsg(CT_NEW, flags, seq, family, body)
 
 

@@ -34,6 +34,7 @@ from lbsync.kernel.flowrecord import (
     SctpInfo,
     SeqAdj,
     TcpInfo,
+    unpack_fields,
 )
 from tests.unit.test_ctnetlink_oracle import MESSAGES
 
@@ -272,3 +273,21 @@ def test_event_prefix_fast_path_equals_the_generic_walk(monkeypatch: pytest.Monk
     monkeypatch.setattr(C, "_PREFIX_V4", never)
     monkeypatch.setattr(C, "_PREFIX_V6", (1 << 20, C._PREFIX_V6[1], C._PREFIX_V6[2], ()))
     assert [C.decode(m) for m in CT_MESSAGES] == fast
+
+
+@given(records(), st.booleans())
+def test_create_fast_path_is_byte_identical_to_the_generic_encoder(rec: FlowRecord,
+                                                                  ack: bool) -> None:
+    packed = rec.pack()
+    flags = C.NLM_F_REQUEST | C.NLM_F_CREATE | C.NLM_F_EXCL | (C.NLM_F_ACK if ack else 0)
+    family, body = C._create_body(unpack_fields(packed), 120)
+    assert C.encode_create(packed, 9, ack=ack) == C._nfmsg(C.CT_NEW, flags, 9, family, body)
+    plain = dataclasses.replace(rec, status=rec.status & ~(IPS_SRC_NAT | IPS_DST_NAT), zone=0,
+                                helper=None, labels=None, seqadj_orig=None, seqadj_reply=None,
+                                master=None, sctp=None)
+    fields = unpack_fields(plain.pack())
+    family, body = C._create_body(fields, 120)
+    fast = C._create_fast(fields, 9, flags, 120)
+    assert fast is None or fast == C._nfmsg(C.CT_NEW, flags, 9, family, body)
+    if plain.l4proto in (IPPROTO_TCP, IPPROTO_UDP):
+        assert fast is not None
