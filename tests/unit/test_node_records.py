@@ -46,3 +46,21 @@ def test_other_protocols_and_one_way_flows() -> None:
 def test_malformed_records_are_never_injected_and_never_raise(garbage: bytes) -> None:
     assert _injectable(garbage) is False
     assert _unanswered(flow_key(2, 17, 0, A, B, 1, 2), garbage) is True
+
+
+def test_standby_check_agrees_with_the_two_checks() -> None:
+    """The receiver's one-unpack check gives what _injectable then _unanswered give."""
+    from lbsync.node import _INJECTABLE, _NOT_ESTABLISHED, _UNANSWERED, _standby_check
+
+    keys = [flow_key(2, 17, 0, A, B, 1, 2), flow_key(2, 6, 0, A, B, 1, 2)]
+    recs = [rec(17), rec(17, status=IPS_CONFIRMED | IPS_SEEN_REPLY), rec(1), rec(6),
+            *(rec(6, state) for state in range(len(TCP_STATE_NAMES))), b"\x93garbage"]
+    for key in keys:
+        for r in recs:
+            if not _injectable(r):
+                want = _NOT_ESTABLISHED
+            elif _unanswered(key, r):
+                want = _UNANSWERED
+            else:
+                want = _INJECTABLE
+            assert _standby_check(key, r) == want, (key, r)
