@@ -58,6 +58,7 @@ import ipaddress
 import json
 import logging
 import os
+import socket
 import struct
 import time
 from collections import Counter, OrderedDict
@@ -344,6 +345,27 @@ class PeerControlStatistics:
     relayed_by_peer: dict[str, int] = field(default_factory=dict)
 
 
+_IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port``, bound with IP_FREEBIND: the daemon may start
+    before its replication address is configured (boot order, an address moved in by hand);
+    the listener answers as soon as the address exists. Raises OSError (port in use...)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_IP, _IP_FREEBIND, 1)
+        sock.bind((host, port))
+        sock.listen(64)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class PeerControlServer:
     """The listener: authenticated requests from peers, dispatched to the allow-listed
     control handlers of this daemon."""
@@ -367,9 +389,8 @@ class PeerControlServer:
         self.answered_errors = 0
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, host=self.host,
-                                                  port=self.port, reuse_address=True,
-                                                  limit=64 * 1024)
+        self._server = await asyncio.start_server(self._accept, sock=listen_socket(
+            self.host, self.port), limit=64 * 1024)
 
     async def close(self) -> None:
         if self._server is not None:

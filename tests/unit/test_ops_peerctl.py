@@ -617,3 +617,17 @@ def test_cli_relays_through_the_named_local_node(tmp_path: Path,
     assert main(["rebalance", "--node-id", "2", "--config", str(path)]) == 1
     err = capsys.readouterr().err
     assert "lbtu-2.sock" in err
+
+
+def test_the_listener_binds_before_its_address_exists_and_refuses_a_port_in_use() -> None:
+    from lbsync.peerctl import listen_socket
+
+    port = _free_port()
+    s = listen_socket("198.18.255.254", port)  # not configured here: IP_FREEBIND
+    s.close()
+    a = listen_socket("127.0.0.1", port)
+    try:
+        with pytest.raises(OSError):
+            listen_socket("127.0.0.1", port)
+    finally:
+        a.close()
