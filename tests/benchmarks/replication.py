@@ -11,15 +11,18 @@ Method (docs/benchmarks.md, section replication, says what each figure means):
   starts, so the generator is not the limit (it reports the rate it achieved). Entries are
   UDP, SEEN_REPLY|ASSURED (a peer creates such a copy at once), marked with the owner's
   buckets, 198.19.0.0/16 -> 198.18.1.10. A ctnetlink create produces the same NEW event a
-  packet does (DESIGN.md section 3), which is what both daemons replicate.
+  packet does (DESIGN.md section 3), which is what both daemons replicate. The generator runs
+  at SCHED_RR 70, above both daemons (RR 50): packets reach a node however busy its daemon is,
+  and a generator queued behind the daemons it loads reached only ~17k of 20k/s offered.
 - **Lag**: every ``--sample``-th entry comes from 198.18.0.250 (unique ports). In each peer
   namespace a NEW-event socket with a BPF filter on that source address (so bursts of copies
   cannot overflow it; ``conntrack -E`` lost events in them) timestamps the copy's creation in
   the peer's kernel. Lag = that minus the wall time just before the generator's ``send`` of
   the batch that created the entry on the owner (an upper bound); per entry the maximum over
-  peers. lbsync writes its store before it injects the kernel copy, so "in every peer's
-  kernel" implies "in its store"; the step also waits until every peer's ``store_entries``
-  and ``kernel_copies`` hold the step's entries.
+  peers. The listener threads run at SCHED_RR 70 too, so they time copies when they appear,
+  not when the daemons leave them a CPU. lbsync writes its store before it injects the
+  kernel copy, so "in every peer's kernel" implies "in its store"; the step also waits until
+  every peer's ``store_entries`` and ``kernel_copies`` hold the step's entries.
 - **Sustained**: achieved >= 95 % of offered, every sample arrived at every peer, p99 <= 100 ms.
 - **CPU per replicated flow**: utime+stime (``/proc/PID/stat``) of each daemon across the step
   (injection plus the wait until every peer has everything), divided by the step's entries.
@@ -57,6 +60,20 @@ ACK_EVERY = 32     # every 32nd create asks for an ACK: sends end on those bound
 MAX_SEND = 1024    # creates per sendmsg at most
 PORTS = 60000
 CONNTRACKD_PORT = 3780
+# The generator and the lag listeners run SCHED_RR above both daemons (RR 50): traffic reaches
+# a node whatever its daemon is doing (softirq), so the generator must not queue behind the
+# daemons it loads (at SCHED_OTHER it reached ~17k of 20k/s offered with three RR daemons on
+# 2 cores), and a listener starved by them would time copies late (lag overstated).
+MEASURE_PRIORITY = 70
+
+
+def _realtime() -> str:
+    """Put the calling thread at SCHED_RR MEASURE_PRIORITY (Linux: per thread); the policy."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(MEASURE_PRIORITY))
+    except OSError as exc:
+        return f"other ({exc.strerror})"
+    return f"rr:{MEASURE_PRIORITY}"
 
 
 # ------------------------------------------------------------------------------ generator
@@ -108,6 +125,7 @@ def generate(args: argparse.Namespace) -> int:
                     else encode_create(rec, seq, ack=ack))
         if is_sample:
             sampled.append(k)
+    policy = _realtime()
     sock = open_netfilter_socket(rcvbuf=32 << 20, sndbuf=32 << 20)
     sock.settimeout(10)
     errors = 0
@@ -143,7 +161,7 @@ def generate(args: argparse.Namespace) -> int:
     elapsed = time.monotonic() - t0
     ports = {1024 + ((args.base + k) // args.sample_every) % PORTS: times[k] for k in sampled}
     Path(args.out).write_text(json.dumps({"n": n, "elapsed": elapsed, "errors": errors,
-                                          "samples": ports}))
+                                          "samples": ports, "policy": policy}))
     return 0
 
 
@@ -228,6 +246,7 @@ class NewEventListener:
 
         self.seen: dict[int, dict[int, float]] = {}
         self.overruns = 0
+        self.policy = "?"
         self._stop = threading.Event()
         self._threads = []
         want = int.from_bytes(socket.inet_aton(SAMPLE_SRC), "big")
@@ -247,6 +266,7 @@ class NewEventListener:
         from lbsync.kernel.ctnetlink import decode
 
         got = self.seen[peer]
+        self.policy = _realtime()
         try:
             while not self._stop.is_set():
                 try:
@@ -347,6 +367,7 @@ def step(sys_: System, rate: float, duration: float, base: int, sample_every: in
         "samples": len(gen["samples"]), "samples_missing": missing, "complete": complete,
         "lag_p50_ms": round(pct(lags, 0.5) * 1e3, 2), "lag_p99_ms": round(p99 * 1e3, 2),
         "lag_max_ms": round(max(lags) * 1e3, 2) if lags else None,
+        "generator_policy": gen.get("policy"), "listener_policy": listener.policy,
         "cpu_us_per_flow": {str(node): round((cpu1[node] - cpu0[node]) / n * 1e6, 2)
                             for node in sys_.pids},
     }
