@@ -631,3 +631,14 @@ def test_the_listener_binds_before_its_address_exists_and_refuses_a_port_in_use(
             listen_socket("127.0.0.1", port)
     finally:
         a.close()
+
+
+def test_key_rotation_any_key_of_the_ring_is_accepted() -> None:
+    both = KeyRing({1: b"k" * 32, 2: b"n" * 32}, 1)
+    new_only = KeyRing({2: b"n" * 32}, 2)
+    c = checker(ring=both)
+    assert check(c, request(ring=new_only)).header.key_id == 2  # signed with the new key
+    assert check(c, request(ring=RING)).header.key_id == 1  # and with the old one
+    # the old key removed from a receiver: frames still signed with it are refused
+    with pytest.raises(FrameRejected, match="unknown_key"):
+        check(checker(ring=new_only), request(ring=RING))
