@@ -642,3 +642,21 @@ def test_key_rotation_any_key_of_the_ring_is_accepted() -> None:
     # the old key removed from a receiver: frames still signed with it are refused
     with pytest.raises(FrameRejected, match="unknown_key"):
         check(checker(ring=new_only), request(ring=RING))
+
+
+def test_golden_request_frame() -> None:
+    """Wire version 1, byte for byte: header fields, JSON body, BLAKE2b-128 tag
+    (key 00..1f, person lbsync-pctl-v1)."""
+    ring = KeyRing({1: bytes(range(32))}, 1)
+    data = encode_frame(ring, kind=KIND_REQUEST, sender=1, receiver=2, wall=1800000000.5,
+                        nonce=bytes(range(16)), body={"cmd": "status", "args": {}})
+    assert data.hex() == (
+        "4c425043" "01" "01" "01" "01" "02" "00" "000001a3185c51f4"
+        "000102030405060708090a0b0c0d0e0f" "0000001a"
+        + b'{"cmd":"status","args":{}}'.hex()
+        + "084c5b5b46d6030396011948e1af7e8e")
+    c = FrameChecker(node_id=2, keyring=lambda: ring, addresses=ADDRS)
+    head = parse_header(data[:HEADER_LEN], max_body=MAX_REQUEST)
+    frame = c.check(head, data[HEADER_LEN:], raw_header=data[:HEADER_LEN],
+                    now_wall=1800000000.5, kind=KIND_REQUEST)
+    assert frame.body == {"cmd": "status", "args": {}} and head.wall_ms == 1800000000500
