@@ -34,10 +34,13 @@ Rules (:class:`FrameChecker`, sans-IO: the caller passes the wall clock):
   round trip minus the peer's service time). They are measurement only (the rebalance's
   per-bucket gap compares a seal instant on one node with a claim instant on another); no
   decision depends on them.
-- Every rejection is counted by reason (:meth:`FrameChecker.statistics`); an unauthenticated
-  frame gets no answer (the connection is closed), an authenticated but refused request
-  (``not_relayable``, ``bad_body``) gets an authenticated error answer. Nothing a peer sends
-  can raise out of the listener.
+- Every rejection is counted by reason (:meth:`FrameChecker.statistics`). A frame that is not
+  MAC'd by a configured peer gets no answer; one that is, but fails a later check (receiver,
+  source address, time, nonce, body, allow-list: :data:`ANSWERED_REJECTIONS` and
+  ``not_relayable``), gets an authenticated error answer naming the reason (a clock minutes
+  off must not look like a dead peer) and runs nothing. After a rejection the connection is
+  closed (no resynchronisation of the framing). Nothing a peer sends can raise out of the
+  listener.
 - Bounded: at most :data:`MAX_CONNECTIONS` served at once; a started frame must be complete
   within :data:`FRAME_TIMEOUT`, and so must the first frame of a connection; after an
   authenticated frame a connection may stay idle for :data:`IDLE_TIMEOUT`.
@@ -100,6 +103,11 @@ RELAYABLE = frozenset({
     "handoff-seal", "handoff-take", "set-local", "drill-fail", "drill-partition",
     "drill-counters",
 })
+
+# Rejections after the MAC and the sender were checked: answered (authenticated) with the
+# reason, since only a configured peer holding the key can have sent the frame.
+ANSWERED_REJECTIONS = frozenset({"wrong_receiver", "wrong_address", "stale", "replay",
+                                 "replay_cache_full", "bad_body"})
 
 # Rejection reasons, in the order the checks run (statistics list every one, zero or not).
 REJECT_REASONS = (
@@ -471,23 +479,33 @@ class PeerControlServer:
                                            kind=KIND_REQUEST, peer_address=peer)
             except FrameRejected as exc:
                 self._log_rejection(exc.reason, peer, str(exc))
-                return  # unauthenticated or unacceptable: no answer, no resync of framing
+                if exc.reason in ANSWERED_REJECTIONS:
+                    # a configured peer's valid MAC: tell it why (a clock off by minutes
+                    # would otherwise look like a dead connection); nothing ran
+                    self.answered_errors += 1
+                    await self._answer(writer, head, {
+                        "re": head.nonce.hex(), "ok": False,
+                        "error": f"refused by node {self.node_id}: {exc}"}, t_recv)
+                return  # no resync of framing after a rejection: the connection ends
             authenticated = True
-            answer = await self._run(frame, peer)
-            answer["t_recv"] = t_recv
-            answer["t_send"] = self.mono()
+            await self._answer(writer, head, await self._run(frame, peer), t_recv)
+
+    async def _answer(self, writer: asyncio.StreamWriter, head: Header,
+                      answer: dict[str, Any], t_recv: float) -> None:
+        answer["t_recv"] = t_recv
+        answer["t_send"] = self.mono()
+        data = encode_frame(self.keyring(), kind=KIND_ANSWER, sender=self.node_id,
+                            receiver=head.sender, wall=self.wall(), nonce=os.urandom(16),
+                            body=answer)
+        if len(data) > MAX_ANSWER + HEADER_LEN + TAG_LEN:
+            answer = {"re": head.nonce.hex(), "ok": False,
+                      "error": f"answer too large ({len(data)} bytes)",
+                      "t_recv": t_recv, "t_send": self.mono()}
             data = encode_frame(self.keyring(), kind=KIND_ANSWER, sender=self.node_id,
-                                receiver=head.sender, wall=self.wall(), nonce=os.urandom(16),
-                                body=answer)
-            if len(data) > MAX_ANSWER + HEADER_LEN + TAG_LEN:
-                answer = {"re": head.nonce.hex(), "ok": False,
-                          "error": f"answer too large ({len(data)} bytes)",
-                          "t_recv": t_recv, "t_send": self.mono()}
-                data = encode_frame(self.keyring(), kind=KIND_ANSWER, sender=self.node_id,
-                                    receiver=head.sender, wall=self.wall(),
-                                    nonce=os.urandom(16), body=answer)
-            writer.write(data)
-            await writer.drain()
+                                receiver=head.sender, wall=self.wall(),
+                                nonce=os.urandom(16), body=answer)
+        writer.write(data)
+        await writer.drain()
 
     async def _run(self, frame: Frame, peer: str) -> dict[str, Any]:
         head = frame.header
@@ -638,7 +656,8 @@ class PeerControl:
     clients behind the ``relay`` control command."""
 
     def __init__(self, *, cfg: Any, node_id: int, keyring: Callable[[], KeyRing],
-                 handlers: Mapping[str, Handler]) -> None:
+                 handlers: Mapping[str, Handler],
+                 wall: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
         self.node_id = node_id
         self.keyring = keyring
@@ -648,10 +667,11 @@ class PeerControl:
         self.address = addresses[node_id]
         self.checker = FrameChecker(node_id=node_id, keyring=keyring, addresses=addresses)
         self.server = PeerControlServer(host=self.address, port=port, checker=self.checker,
-                                        handlers=handlers, node_id=node_id, keyring=keyring)
+                                        handlers=handlers, node_id=node_id, keyring=keyring,
+                                        wall=wall)
         self.clients = {n: PeerClient(node_id=node_id, peer_id=n, host=a, port=port,
                                       source=self.address, keyring=keyring,
-                                      checker=self.checker)
+                                      checker=self.checker, wall=wall)
                         for n, a in addresses.items() if n != node_id}
         self.relayed: Counter[int] = Counter()
         self.relay_failures = 0

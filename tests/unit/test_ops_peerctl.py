@@ -10,6 +10,7 @@ clock)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import socket
 import struct
@@ -281,7 +282,8 @@ class Peer:
     ran: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
 
-def make_peer(node_id: int, port: int, ring: KeyRing = RING) -> Peer:
+def make_peer(node_id: int, port: int, ring: KeyRing = RING,
+              wall: Any = time.time) -> Peer:
     ran: list[tuple[str, dict[str, Any]]] = []
 
     def handler(name: str) -> Any:
@@ -296,7 +298,7 @@ def make_peer(node_id: int, port: int, ring: KeyRing = RING) -> Peer:
 
     handlers = {n: handler(n) for n in ("status", "handoff-seal", "store-corrupt")}
     ctl = PeerControl(cfg=_Cfg(_Repl(port)), node_id=node_id, keyring=lambda: ring,
-                      handlers=handlers)
+                      handlers=handlers, wall=wall)
     return Peer(ctl, ran)
 
 
@@ -313,6 +315,15 @@ async def _raw(port: int, data: bytes, *, close: bool = True) -> bytes:
         return b""
     finally:
         w.close()
+
+
+def answer_error(data: bytes) -> str:
+    """The error of an answer frame (its tag not checked here: the relay tests do)."""
+    head = parse_header(data[:HEADER_LEN], max_body=1 << 20)
+    assert head.kind == KIND_ANSWER and len(data) == HEADER_LEN + head.body_len + 16
+    body = json.loads(data[HEADER_LEN:HEADER_LEN + head.body_len])
+    assert body["ok"] is False
+    return str(body["error"])
 
 
 def run(coro: Any) -> Any:
@@ -383,11 +394,15 @@ def test_hostile_peers_over_tcp_run_nothing_and_are_counted() -> None:
             # random garbage, no answer
             for _ in range(20):
                 assert await _raw(port, rng.randbytes(rng.randrange(1, 300))) == b""
-            # wrong key, unknown key id, stale, from an unknown node: no answer
+            # wrong key, unknown key id, from an unknown node: no answer
             for frame in (request(ring=OTHER_SECRET), request(ring=OTHER_ID),
-                          request(wall=time.time() - 120), request(sender=9, wall=time.time()),
-                          request(receiver=3, wall=time.time())):
+                          request(sender=9, wall=time.time())):
                 assert await _raw(port, frame) == b""
+            # a configured peer's valid MAC but stale, or for another node: told why
+            for frame, reason in ((request(wall=time.time() - 120), "stale"),
+                                  (request(receiver=3, wall=time.time()), "wrong_receiver")):
+                assert answer_error(await _raw(port, frame)).startswith(
+                    f"refused by node 2: {reason}")
             # oversized: refused from the header alone
             head = struct.pack("!4sBBBBBBQ16sI", b"LBPC", 1, KIND_REQUEST, 1, 1, 2, 0,
                                int(time.time() * 1000), b"n" * 16, 10 * MAX_REQUEST)
@@ -400,7 +415,7 @@ def test_hostile_peers_over_tcp_run_nothing_and_are_counted() -> None:
                                                  local_addr=("127.0.0.3", 0))
             w.write(request(wall=time.time()))
             w.write_eof()
-            assert await asyncio.wait_for(r.read(), 5.0) == b""
+            assert "wrong_address" in answer_error(await asyncio.wait_for(r.read(), 5.0))
             w.close()
             assert two.ran == []
             # replay: the first copy runs, the second is refused
@@ -409,7 +424,7 @@ def test_hostile_peers_over_tcp_run_nothing_and_are_counted() -> None:
             first = await _raw(port, frame)
             assert first and parse_header(first[:HEADER_LEN], max_body=1 << 20).kind == \
                 KIND_ANSWER
-            assert await _raw(port, frame) == b""
+            assert "replay" in answer_error(await _raw(port, frame))
             assert two.ran == [("handoff-seal", {"buckets": [1]})]
             # an authenticated request outside the allow-list: an error answer, nothing runs
             ans = await _raw(port, request(wall=time.time(),
@@ -660,3 +675,20 @@ def test_golden_request_frame() -> None:
     frame = c.check(head, data[HEADER_LEN:], raw_header=data[:HEADER_LEN],
                     now_wall=1800000000.5, kind=KIND_REQUEST)
     assert frame.body == {"cmd": "status", "args": {}} and head.wall_ms == 1800000000500
+
+
+def test_a_skewed_clock_is_named_in_the_relay_error() -> None:
+    async def main() -> None:
+        port = _free_port()
+        two = make_peer(2, port)
+        late = make_peer(1, port, wall=lambda: time.time() - 90)
+        await two.ctl.start()
+        try:
+            with pytest.raises(ControlError, match="stale"):
+                await late.ctl.relay({"node": 2, "cmd": "status", "timeout": 3})
+            assert two.ran == [] and two.ctl.statistics().rejected["stale"] == 1
+        finally:
+            await late.ctl.close()
+            await two.ctl.close()
+
+    run(main())
