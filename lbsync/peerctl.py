@@ -27,7 +27,8 @@ Rules (:class:`FrameChecker`, sans-IO: the caller passes the wall clock):
   never a nonce forgotten early). Only then is the body parsed as JSON.
 - A request body is ``{"cmd", "args"}`` and only :data:`RELAYABLE` commands run; an answer
   body is ``{"re": request nonce, "ok", "result" | "error", "t_recv", "t_send"}`` and the
-  requester accepts it only from the node it asked, addressed to itself, for its nonce.
+  requester accepts it only from the node it asked, addressed to itself, for its own fresh
+  nonce (so no time window or nonce cache applies to answers).
   ``t_recv``/``t_send`` are the peer's ``time.monotonic()`` when the request arrived and the
   answer left: with the requester's own send and receive instants they give an NTP-style
   estimate of the offset between the two monotonic clocks and its error bound (half the
@@ -243,19 +244,21 @@ class FrameChecker:
 
     def check(self, head: Header, rest: bytes, *, raw_header: bytes, now_wall: float,
               kind: int, peer_address: str | None = None, expect_sender: int | None = None,
-              use_replay_cache: bool = True) -> Frame:
+              fresh: bool = True) -> Frame:
         """Authenticate ``rest`` (body + tag) of a frame whose header was parsed, then parse
-        the body. Raises :class:`FrameRejected` (counted) on any failure."""
+        the body. Raises :class:`FrameRejected` (counted) on any failure. ``fresh``: check
+        the time window and the nonce cache (requests); an answer needs neither, it must
+        name the requester's own fresh nonce."""
         try:
             return self._check(head, rest, raw_header, now_wall, kind, peer_address,
-                               expect_sender, use_replay_cache)
+                               expect_sender, fresh)
         except FrameRejected as exc:
             self.count(exc.reason)
             raise
 
     def _check(self, head: Header, rest: bytes, raw_header: bytes, now_wall: float,
                kind: int, peer_address: str | None, expect_sender: int | None,
-               use_replay_cache: bool) -> Frame:
+               fresh: bool) -> Frame:
         if len(rest) != head.body_len + TAG_LEN:
             raise FrameRejected("truncated", f"{len(rest)} of {head.body_len + TAG_LEN} bytes")
         body, tag = rest[:head.body_len], rest[head.body_len:]
@@ -282,9 +285,9 @@ class FrameChecker:
             if src != self.addresses[head.sender]:
                 raise FrameRejected("wrong_address", f"{src} is not node {head.sender}'s")
         frame_time = head.wall_ms / 1000.0
-        if abs(now_wall - frame_time) > self.window:
+        if fresh and abs(now_wall - frame_time) > self.window:
             raise FrameRejected("stale", f"{frame_time - now_wall:+.1f} s off")
-        if use_replay_cache:
+        if fresh:
             verdict = self.replay.check_and_add(head.sender, head.nonce, frame_time, now_wall)
             if verdict == "replay":
                 raise FrameRejected("replay")
@@ -627,7 +630,7 @@ class PeerClient:
                 t3 = self.mono()
                 frame = self.checker.check(head, rest, raw_header=raw, now_wall=self.wall(),
                                            kind=KIND_ANSWER, expect_sender=self.peer_id,
-                                           use_replay_cache=False)
+                                           fresh=False)
             except FrameRejected as exc:
                 if exc.reason in ("bad_magic", "bad_version", "bad_kind", "too_large"):
                     self.checker.count(exc.reason)
