@@ -97,6 +97,10 @@ DIGEST_SLICES = 8
 # by a takeover and agree in every digest forever.
 SWEEP_INTERVAL = 5.0
 LEAVE_GRACE = 10.0
+# At real-time priority (daemon.sched_policy rr/fifo) a busy loop yields its CPU to tasks of
+# the same priority this often (see Node._cpu_yield).
+YIELD_BUSY_CHECK = 0.005
+YIELD_IDLE_CHECK = 0.05
 STARTUP_SETTLE = 1.0
 # A non-TCP standby copy waits for the owner's record to show a reply (IPS_SEEN_REPLY) or,
 # for one-way flows, this long (the replication lag): a copy injected at the owner's NEW event
@@ -294,6 +298,9 @@ class Node:
         self._spawn(self._kernel_writer(), "kernel-writer")
         self._schedule_digests()
         self._schedule_sweep()
+        if os.sched_getscheduler(0) in (os.SCHED_RR, os.SCHED_FIFO):
+            self._cpu_mark = time.thread_time()
+            self.loop.call_later(YIELD_IDLE_CHECK, self._cpu_yield)
         self.metrics: Any = None
         if self.cfg.metrics.listen:  # prometheus_client is imported only when enabled
             from lbsync.metrics import start_for_node
@@ -692,6 +699,25 @@ class Node:
         log.info("node.takeover dead=%d buckets=%d injected=%d safety_ms=%.1f claim_ms=%.1f",
                  ev.dead_node, len(ev.buckets), injected, (p1 - p0) * 1e3, (p2 - p1) * 1e3)
         self._membership_changed()
+
+    def _cpu_yield(self) -> None:
+        """While the loop is busy (bulk work: a 100k-entry burst), give the CPU to runnable
+        tasks of the same real-time priority every YIELD_BUSY_CHECK (``sched_yield``).
+
+        SCHED_RR hands the CPU over only when the running task blocks or after its 100 ms
+        slice: with more busy daemons than CPUs (a lab on one host; conntrackd or keepalived
+        at the same priority on a node), a daemon woken for its heartbeat timer waited up to
+        100 ms behind another's bulk work, and the fast profile fenced it for a stall (issue
+        7). Idle, the check runs every YIELD_IDLE_CHECK only."""
+        cpu = time.thread_time()
+        busy = cpu - self._cpu_mark > YIELD_BUSY_CHECK / 2
+        self._cpu_mark = cpu
+        if busy:
+            os.sched_yield()
+            self.c["cpu_yields"] += 1
+        if not self.stopping:
+            self.loop.call_later(YIELD_BUSY_CHECK if busy else YIELD_IDLE_CHECK,
+                                 self._cpu_yield)
 
     # ------------------------------------------------------------------ digests
 
