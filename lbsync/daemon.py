@@ -180,6 +180,7 @@ async def serve(life: Lifecycle, node_id: int, node_factory: Any) -> int:
     peers = PeerControl(cfg=life.cfg, node_id=node_id, keyring=lambda: node.keyring,
                         handlers=handlers)
     handlers.update(peers.handlers())
+    node.peer_control = peers  # the metrics exporter reads its statistics through the node
     control = ControlServer(life.cfg.runtime_path(node_id, "sock"), handlers)
     await control.start()
     try:

@@ -17,6 +17,7 @@ The series are listed in docs/operations.md (``SERIES`` below is the same list, 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
@@ -92,6 +93,12 @@ SERIES: dict[str, str] = {
                                   "reported for each lbsync instance on this node",
     "lbsync_vrrp_events_total": "counter{event}: keepalived lines and the events read from "
                                 "them (peers declared dead / returned, own link failures...)",
+    "lbsync_peer_control_served_total": "counter{sender}: farm requests relayed to this "
+                                        "node by its peers and run",
+    "lbsync_peer_control_rejected_total": "counter{reason}: peer-control frames refused "
+                                          "before anything ran (bad MAC, replay, stale...)",
+    "lbsync_peer_control_relayed_total": "counter{peer}: requests this node relayed to a peer",
+    "lbsync_peer_control_relay_failures_total": "counter: relayed requests that got no answer",
     "lbsync_handoff_gap_seconds": "histogram: planned handoff forwarding gap per bucket "
                                   "taken by this node (release on the old owner -> claim "
                                   "here; same-host clocks)",
@@ -249,6 +256,14 @@ class SnapshotCollector:
                           ("total", "lbsync_takeover_total_seconds"),
                           ("handoff", "lbsync_handoff_gap_seconds")):
             yield self._hist[key].family(name, SERIES[name])
+        if (pc := st.get("peer_control")) is not None:
+            yield _labelled_counter("lbsync_peer_control_served", "sender",
+                                    pc.get("served_by_sender") or {})
+            yield _labelled_counter("lbsync_peer_control_rejected", "reason",
+                                    pc.get("rejected") or {})
+            yield _labelled_counter("lbsync_peer_control_relayed", "peer",
+                                    pc.get("relayed_by_peer") or {})
+            yield _c("lbsync_peer_control_relay_failures", pc.get("relay_failures", 0))
         if (vrrp := st.get("vrrp")) is not None:
             yield from _vrrp_metrics(vrrp)
         if self._map is not None:
@@ -403,6 +418,9 @@ def node_snapshot(node: Any) -> dict[str, Any]:
     ops = getattr(node, "ops", None)
     if ops is not None:
         st["ops"] = ops.statistics()
+    pctl = getattr(node, "peer_control", None)
+    if pctl is not None:
+        st["peer_control"] = dataclasses.asdict(pctl.statistics())
     return st
 
 

@@ -40,6 +40,8 @@ def snapshot(takeovers: list[dict[str, Any]] | None = None) -> dict[str, Any]:
              "claim_s": 0.002}],
         "replication_peers": {"2": {"lag": 4, "open_gaps": 1}},
         "pending_resyncs": 0,
+        "peer_control": {"served_by_sender": {"1": 4}, "rejected": {"bad_mac": 3},
+                         "relayed_by_peer": {"2": 5}, "relay_failures": 1},
         "vrrp": {"reporting": True,
                  "interpreter": {"lines": 7, "peers_declared_dead": 1, "own_link_failures": 0,
                                  "states": {"lbsync-1": "MASTER", "lbsync-2": "MASTER",
@@ -82,6 +84,9 @@ def test_every_documented_series_is_served() -> None:
     ev = {s.labels["event"]: s.value for s in fam["lbsync_vrrp_events"].samples
           if s.name == "lbsync_vrrp_events_total"}
     assert ev["peers_declared_dead"] == 1 and ev["lines"] == 7
+    rej = {s.labels["reason"]: s.value for s in fam["lbsync_peer_control_rejected"].samples
+           if s.name.endswith("_total")}
+    assert rej == {"bad_mac": 3}
 
 
 def test_no_vrrp_series_without_keepalived() -> None:
