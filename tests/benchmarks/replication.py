@@ -26,6 +26,10 @@ Method (docs/benchmarks.md, section replication, says what each figure means):
 - **Sustained**: achieved >= 95 % of offered, every sample arrived at every peer, p99 <= 100 ms.
 - **CPU per replicated flow**: utime+stime (``/proc/PID/stat``) of each daemon across the step
   (injection plus the wait until every peer has everything), divided by the step's entries.
+  ``marginal``: the same minus each daemon's idle CPU rate (measured over 3 s with no flows
+  before the ladder, same run) times the window: what the flows add. The raw figure charges
+  the idle work (lbsync: heartbeats, digests, timers, ~45 ms/s per daemon; conntrackd ~0)
+  to the flows, which dominates at low rates.
 - **Bytes per standby entry**: receiver RSS after 100k replicated entries minus its RSS before
   (same run, same process), / 100k (2-node lbsync lab: 100k owned + 100k copies per node).
 - **conntrackd**: FTFW between the 2 nodes of a 2-node lab, config from
@@ -321,8 +325,17 @@ def _wait_listening(sys_: System, listener: NewEventListener, timeout: float = 2
             raise RuntimeError(f"event listener on node {p} never started")
 
 
+def idle_cpu(sys_: System, seconds: float = 3.0) -> dict[int, float]:
+    """CPU seconds per second of each daemon with no flows (heartbeats, digests, timers):
+    charged to the flows of a step in the raw figure, left out of the marginal one."""
+    t0, cpu0 = time.monotonic(), {n: cpu_seconds(pid) for n, pid in sys_.pids.items()}
+    time.sleep(seconds)
+    t1, cpu1 = time.monotonic(), {n: cpu_seconds(pid) for n, pid in sys_.pids.items()}
+    return {n: (cpu1[n] - cpu0[n]) / (t1 - t0) for n in cpu0}
+
+
 def step(sys_: System, rate: float, duration: float, base: int, sample_every: int,
-         quiet: float = 10.0) -> dict[str, Any]:
+         quiet: float = 10.0, idle: dict[int, float] | None = None) -> dict[str, Any]:
     """One rung: listeners up, CPU before, generate, wait for every peer, CPU after, delete."""
 
     lab = sys_.lab
@@ -330,6 +343,7 @@ def step(sys_: System, rate: float, duration: float, base: int, sample_every: in
     listener = NewEventListener(lab, sys_.peers)
     _wait_listening(sys_, listener)
     cpu0 = {n: cpu_seconds(pid) for n, pid in sys_.pids.items()}
+    wall0 = time.monotonic()
     gen = run_generator(lab, sys_.owner, rate=rate, duration=duration, base=base,
                         marks=sys_.marks, sample_every=sample_every)
     n = int(gen["n"])
@@ -341,6 +355,7 @@ def step(sys_: System, rate: float, duration: float, base: int, sample_every: in
             break
         time.sleep(0.05)
     cpu1 = {node: cpu_seconds(pid) for node, pid in sys_.pids.items()}
+    wall = time.monotonic() - wall0
     time.sleep(0.5)
     listener.close()
     seen = {p: {k: v for k, v in got.items() if k != PROBE_PORT}
@@ -368,6 +383,11 @@ def step(sys_: System, rate: float, duration: float, base: int, sample_every: in
         "lag_p50_ms": round(pct(lags, 0.5) * 1e3, 2), "lag_p99_ms": round(p99 * 1e3, 2),
         "lag_max_ms": round(max(lags) * 1e3, 2) if lags else None,
         "generator_policy": gen.get("policy"), "listener_policy": listener.policy,
+        "cpu_window_s": round(wall, 3),
+        # minus each daemon's idle rate over the same window (see idle_cpu)
+        "cpu_us_per_flow_marginal": {
+            str(node): round(max(0.0, cpu1[node] - cpu0[node] - (idle or {}).get(node, 0.0)
+                                 * wall) / n * 1e6, 2) for node in sys_.pids},
         "cpu_us_per_flow": {str(node): round((cpu1[node] - cpu0[node]) / n * 1e6, 2)
                             for node in sys_.pids},
     }
@@ -433,13 +453,17 @@ def conntrackd_system(prefix: str) -> tuple[Any, System]:
 def ladder(sys_: System, rates: list[float], duration: float, sample_every: int,
            base: int) -> list[dict[str, Any]]:
     out = []
+    idle = idle_cpu(sys_)
+    print(f"  {sys_.name:12s} idle CPU ms/s: "
+          f"{ {n: round(v * 1e3, 1) for n, v in idle.items()} }", flush=True)
     for k, rate in enumerate(rates):
-        r = step(sys_, rate, duration, base + k * 1_000_000, sample_every)
+        r = step(sys_, rate, duration, base + k * 1_000_000, sample_every, idle=idle)
+        r["idle_cpu_ms_per_s"] = {str(n): round(v * 1e3, 1) for n, v in idle.items()}
         print(f"  {sys_.name:12s} offered {rate:>7.0f}/s achieved {r['achieved']:>7}/s "
               f"p50 {r['lag_p50_ms']:>8} ms p99 {r['lag_p99_ms']:>8} ms "
               f"missing {r['samples_missing']}/{r['samples']} cpu us/flow "
-              f"{r['cpu_us_per_flow']} {'SUSTAINED' if r['sustained'] else 'not sustained'}",
-              flush=True)
+              f"{r['cpu_us_per_flow']} marginal {r['cpu_us_per_flow_marginal']} "
+              f"{'SUSTAINED' if r['sustained'] else 'not sustained'}", flush=True)
         out.append(r)
     return out
 
@@ -473,10 +497,10 @@ def memory_step(lab: Any, sys_: System, n: int, sample_every: int) -> dict[str, 
             "rss_after": after, "bytes_per_entry": round((after - before) / max(1, held), 1)}
 
 
-def _owner_plus_receiver(r: dict[str, Any]) -> float:
+def _owner_plus_receiver(r: dict[str, Any], key: str = "cpu_us_per_flow") -> float:
     """CPU per flow of the owner (node 1) plus the mean of the receivers: comparable between
     a 3-node and a 2-node farm."""
-    cpu = r["cpu_us_per_flow"]
+    cpu = r[key]
     receivers = [v for k, v in cpu.items() if k != "1"]
     return float(cpu["1"]) + (sum(receivers) / len(receivers) if receivers else 0.0)
 
@@ -534,14 +558,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         ratios = []
         for a, b in zip(mine, theirs, strict=False):
             cpu_a, cpu_b = _owner_plus_receiver(a), _owner_plus_receiver(b)
+            mar_a = _owner_plus_receiver(a, "cpu_us_per_flow_marginal")
+            mar_b = _owner_plus_receiver(b, "cpu_us_per_flow_marginal")
             ratios.append({"offered": a["offered"],
+                           "cpu_ratio_marginal": round(mar_a / mar_b, 2) if mar_b else None,
                            "cpu_ratio": round(cpu_a / cpu_b, 2) if cpu_b else None,
                            "p99_ratio": round(a["lag_p99_ms"] / b["lag_p99_ms"], 2)
                            if b["lag_p99_ms"] else None})
         out["ratios_lbsync_over_conntrackd"] = ratios
         out["ratio_basis"] = "lbsync2" if "lbsync2" in out else "lbsync3"
         for r in ratios:
-            print(f"  ratio at {r['offered']:.0f}/s: CPU (owner+receiver) {r['cpu_ratio']}, "
+            print(f"  ratio at {r['offered']:.0f}/s: CPU (owner+receiver) {r['cpu_ratio']} "
+                  f"(marginal {r['cpu_ratio_marginal']}), "
                   f"p99 lag {r['p99_ratio']}", flush=True)
     finally:
         for lab in labs:
