@@ -160,22 +160,22 @@ def links(lab: Lab, node_id: int, up: bool,
 def kill_daemon(lab: Lab, node_id: int, *, links_down: bool = False) -> float:
     """SIGKILL the node's daemon (and take its links down in the same step); returns t0
     (``time.monotonic()`` just before the kill)."""
-    pids = daemon_pids(lab, node_id)
+    return _kill(lab, node_id, daemon_pids(lab, node_id), links_down=links_down)
+
+
+def _kill(lab: Lab, node_id: int, pids: Sequence[int], *, links_down: bool) -> float:
+    """SIGKILL ``pids`` in order, then (``links_down``) take every link of the node down with
+    one ``ip -batch`` in its namespace (all within a millisecond of the kill); wait until the
+    processes are gone. Returns t0, ``time.monotonic()`` just before the first kill."""
+    batch = "".join(f"link set {lab.ifaces[r]} down\n"
+                    for r in ("outside", "inside", "replication", "management"))
+    t0 = time.monotonic()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     if links_down:
-        # one `ip -batch` in the namespace: all links go down within a millisecond of the kill
-        batch = "".join(f"link set {lab.ifaces[r]} down\n"
-                        for r in ("outside", "inside", "replication", "management"))
-        t0 = time.monotonic()
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
         subprocess.run(ns_argv(lab.node_ns(node_id), ["ip", "-batch", "-"]), input=batch,
                        text=True, check=True, capture_output=True)
-    else:
-        t0 = time.monotonic()
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
     for pid in pids:
         _wait_gone(pid)
     return t0
@@ -340,19 +340,7 @@ def kill_node(lab: Lab, node_id: int, *, links_down: bool = True) -> float:
     just before the first kill)."""
     child, ka = keepalived_pids(lab, node_id)
     pids = ([child] if child is not None else []) + [p for p in ka if p != child]
-    pids += daemon_pids(lab, node_id)
-    batch = "".join(f"link set {lab.ifaces[r]} down\n"
-                    for r in ("outside", "inside", "replication", "management"))
-    t0 = time.monotonic()
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    if links_down:
-        subprocess.run(ns_argv(lab.node_ns(node_id), ["ip", "-batch", "-"]), input=batch,
-                       text=True, check=True, capture_output=True)
-    for pid in pids:
-        _wait_gone(pid)
-    return t0
+    return _kill(lab, node_id, [*pids, *daemon_pids(lab, node_id)], links_down=links_down)
 
 
 def vrrp_states(lab: Lab, node_id: int) -> dict[str, str]:
