@@ -25,6 +25,7 @@ Rules:
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import IntEnum
@@ -56,12 +57,14 @@ class StoreStatistics:
     applied: int
 
 
+_KIND_KEYLEN = struct.Struct(">BH").pack
+_blake2b = hashlib.blake2b
+
+
 def entry_hash(kind: int, key: bytes, record: bytes) -> int:
-    """BLAKE2b-64 of one entry (the digest's summand)."""
-    h = hashlib.blake2b(digest_size=8)
-    h.update(bytes((kind,)) + len(key).to_bytes(2, "big") + key)
-    h.update(record)
-    return int.from_bytes(h.digest(), "big")
+    """BLAKE2b-64 of one entry (the digest's summand): kind, key length (u16), key, record."""
+    return int.from_bytes(_blake2b(_KIND_KEYLEN(kind, len(key)) + key + record,
+                                   digest_size=8).digest(), "big")
 
 
 class BucketStore:
