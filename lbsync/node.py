@@ -101,6 +101,9 @@ LEAVE_GRACE = 10.0
 # the same priority this often (see Node._cpu_yield).
 YIELD_BUSY_CHECK = 0.005
 YIELD_IDLE_CHECK = 0.05
+# ... and, while more tasks are runnable than the host has CPUs, also sleeps this long each
+# busy check (a duty of ~60 %): see Node._cpu_yield
+YIELD_OVERCOMMIT_SLEEP = 0.003
 STARTUP_SETTLE = 1.0
 # A non-TCP standby copy waits for the owner's record to show a reply (IPS_SEEN_REPLY) or,
 # for one-way flows, this long (the replication lag): a copy injected at the owner's NEW event
@@ -708,13 +711,24 @@ class Node:
         slice: with more busy daemons than CPUs (a lab on one host; conntrackd or keepalived
         at the same priority on a node), a daemon woken for its heartbeat timer waited up to
         100 ms behind another's bulk work, and the fast profile fenced it for a stall (issue
-        7). Idle, the check runs every YIELD_IDLE_CHECK only."""
+        7). Idle, the check runs every YIELD_IDLE_CHECK only.
+
+        sched_yield only helps tasks of the same priority. When real-time tasks keep a CPU
+        busy for most of a second, the kernel's fair server (Linux 6.12+: 50 ms a second for
+        SCHED_OTHER tasks that starve, replacing RT throttling) preempts them all for 50 ms at
+        once: the lab's three daemons stalled together and fenced themselves. So while the
+        host is overcommitted (more runnable tasks than CPUs, /proc/loadavg) a busy loop also
+        sleeps YIELD_OVERCOMMIT_SLEEP per check, leaving the others their share; bulk work
+        then takes longer, heartbeats wait at most that long."""
         cpu = time.thread_time()
         busy = cpu - self._cpu_mark > YIELD_BUSY_CHECK / 2
-        self._cpu_mark = cpu
         if busy:
             os.sched_yield()
             self.c["cpu_yields"] += 1
+            if _host_overcommitted():
+                time.sleep(YIELD_OVERCOMMIT_SLEEP)
+                self.c["cpu_overcommit_sleeps"] += 1
+        self._cpu_mark = time.thread_time()
         if not self.stopping:
             self.loop.call_later(YIELD_BUSY_CHECK if busy else YIELD_IDLE_CHECK,
                                  self._cpu_yield)
@@ -829,6 +843,19 @@ class Node:
 
         return {"store": store, "store-corrupt": corrupt, "store-records": records,
                 **Ops(self).handlers()}
+
+
+_NCPU = os.cpu_count() or 1
+
+
+def _host_overcommitted() -> bool:
+    """More runnable tasks than CPUs right now (/proc/loadavg: "running/total")."""
+    try:
+        with open("/proc/loadavg", "rb") as f:
+            running = int(f.read().split()[3].split(b"/")[0])
+    except (OSError, ValueError, IndexError):
+        return False
+    return running > _NCPU
 
 
 def owner_map_from_target(tm: TargetMap) -> OwnerMap:
