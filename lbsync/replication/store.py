@@ -19,7 +19,9 @@ Rules:
   the bucket's changes since the last one, not its size (recomputing whole changed buckets
   every second was ~4 hashes per replicated flow on every node at 20k flows/s, in bursts that
   stalled the loop), and a flow created and deleted between two digests costs no hash at all.
-  The notes are bounded by the bucket's size: past it, the bucket is recomputed from scratch.
+  Notes are bounded per bucket by half its size plus 64: past that, hashing the whole bucket
+  costs at most twice as much, so it is recomputed from scratch (a bulk resync or a burst into a
+  bucket costs no more than before and holds no note per entry).
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ from enum import IntEnum
 from types import MappingProxyType
 
 _U64 = (1 << 64) - 1
-# changes noted per bucket beyond its size before its digest is recomputed from scratch
-_NOTES_SLACK = 1024
+# a bucket's notes beyond _NOTES_SLACK + half its size: recompute it from scratch
+_NOTES_SLACK = 64
 FLOW = 0
 EXPECTATION = 1
 
@@ -171,7 +173,7 @@ class BucketStore:
         changed = self._changed[kind][bucket]
         if changed is not None and key not in changed:
             changed[key] = old
-            if len(changed) > len(table) + _NOTES_SLACK:
+            if len(changed) > _NOTES_SLACK + (len(table) >> 1):
                 self._changed[kind][bucket] = None
         self.applied += 1
         return Outcome.APPLIED
@@ -188,7 +190,7 @@ class BucketStore:
             changed = self._changed[kind][bucket]
             if changed is not None and key not in changed:
                 changed[key] = old
-                if len(changed) > len(table) + _NOTES_SLACK:
+                if len(changed) > _NOTES_SLACK + (len(table) >> 1):
                     self._changed[kind][bucket] = None
         self.applied += 1
         return Outcome.APPLIED
