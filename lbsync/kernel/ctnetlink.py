@@ -226,6 +226,9 @@ class CtEvent(NamedTuple):
     portid: int
 
 
+_new_tuple = tuple.__new__
+
+
 @dataclass(frozen=True, slots=True)
 class NetlinkAck:
     """An ``NLMSG_ERROR`` answer: ``error`` is 0 for an ACK, else a positive errno."""
@@ -596,7 +599,8 @@ def _decode_ct(buf: bytes, pos: int, end: int, family: int, kind: int, portid: i
                      status, timeout, mark, zone, proto, helper, labels, seqadj, m])
     key = _KEY_HEAD.pack(family, l4, zone, osp, odp) + osrc + odst
     tcp_state = proto[0] if (proto is not None and l4 == IPPROTO_TCP) else -1
-    return CtEvent(kind, key, mark, l4, tcp_state, status, record, portid)
+    # tuple.__new__ directly: the NamedTuple's generated __new__ is a Python-level call
+    return _new_tuple(CtEvent, (kind, key, mark, l4, tcp_state, status, record, portid))
 
 
 def _decode_exp(buf: bytes, pos: int, end: int, family: int) -> ExpectRecord:
@@ -655,6 +659,10 @@ def _pt(t: tuple[int, bytes, bytes, int, int]) -> ProtoTuple:
     return ProtoTuple(t[0], FlowTuple(t[1], t[2], t[3], t[4]))
 
 
+assert (CT_NEW, CT_DELETE, NLM_F_CREATE) == (0x100, 0x102, 0x400)
+assert (KIND_NEW, KIND_UPDATE, KIND_DESTROY, KIND_DUMP) == (1, 2, 3, 4)
+
+
 def decode(buf: bytes, out: Decoded | None = None, *, dump: bool = False) -> Decoded:
     """Decode every netlink message in ``buf`` (one ``recv``).
 
@@ -664,8 +672,8 @@ def decode(buf: bytes, out: Decoded | None = None, *, dump: bool = False) -> Dec
     """
     if out is None:
         out = Decoded([], [], [])
-    events = out.events
-    append = events.append
+    append = out.events.append
+    decode_ct = _decode_ct
     pos = 0
     n = len(buf)
     hdr = _NLMSG.unpack_from
@@ -677,18 +685,13 @@ def decode(buf: bytes, out: Decoded | None = None, *, dump: bool = False) -> Dec
             if mlen < 16 or pos + mlen > n:
                 raise CodecError("netlink message length out of bounds")
             end = pos + mlen
-            if mtype in (CT_NEW, CT_DELETE):
+            # literals (once per message): 0x100 CT_NEW, 0x102 CT_DELETE, 0x400 NLM_F_CREATE;
+            # kinds 4 DUMP, 3 DESTROY, 1 NEW, 2 UPDATE
+            if mtype == 0x100 or mtype == 0x102:
                 if mlen < 20:
                     raise CodecError("truncated nfgenmsg")
-                if dump:
-                    kind = KIND_DUMP
-                elif mtype == CT_DELETE:
-                    kind = KIND_DESTROY
-                elif mflags & NLM_F_CREATE:
-                    kind = KIND_NEW
-                else:
-                    kind = KIND_UPDATE
-                append(_decode_ct(buf, pos + 20, end, buf[pos + 16], kind, portid))
+                kind = 4 if dump else 3 if mtype == 0x102 else 1 if mflags & 0x400 else 2
+                append(decode_ct(buf, pos + 20, end, buf[pos + 16], kind, portid))
             elif mtype in (EXP_NEW, EXP_DELETE):
                 if mlen < 20:
                     raise CodecError("truncated nfgenmsg")
