@@ -291,3 +291,13 @@ def test_create_fast_path_is_byte_identical_to_the_generic_encoder(rec: FlowReco
     assert fast is None or fast == C._nfmsg(C.CT_NEW, flags, 9, family, body)
     if plain.l4proto in (IPPROTO_TCP, IPPROTO_UDP):
         assert fast is not None
+
+
+@given(records(), st.booleans(), st.integers(0, 0xFFFFFFFF))
+def test_delete_fast_path_is_byte_identical_to_the_generic_encoder(rec: FlowRecord, ack: bool,
+                                                                  seq: int) -> None:
+    for r in (rec, dataclasses.replace(rec, zone=0)):
+        flags = C.NLM_F_REQUEST | (C.NLM_F_ACK if ack else 0)
+        family, body = C._key_body(r.key)
+        assert C.encode_delete(r.key, seq, ack=ack) == C._nfmsg(C.CT_DELETE, flags, seq,
+                                                                 family, body)
