@@ -890,11 +890,11 @@ def _create_body(f: list[Any], default_timeout: int) -> tuple[int, bytes]:
     return family, b"".join(parts)
 
 
-# Whole-create fast path for the commonest standby copy: ports (TCP, UDP, ...), no NAT, zone 0,
-# no helper, labels, sequence adjustment or master; optionally TCP protoinfo. Header, both
-# tuples, status/timeout/mark (and the TCP protoinfo) in two packs, the constant attribute
-# headers bound once per layout (the generic encode was ~2 us of a receiver's per-flow work;
-# the output is byte-identical to _create_body's, see the unit test).
+# Whole-create fast path for the commonest standby copies: ports (TCP, UDP, ...), zone 0, no
+# helper, labels, sequence adjustment or master; optionally TCP protoinfo and NAT ranges.
+# Header, both tuples, status/timeout/mark (and the TCP protoinfo) in two packs, the constant
+# attribute headers bound once per layout (the generic encode was ~2 us of a receiver's
+# per-flow work; the output is byte-identical to _create_body's, see the unit tests).
 def _create_packer(alen: int, tcp: bool) -> Callable[..., bytes]:
     def headers(atype: int) -> tuple[bytes, bytes, bytes, bytes, bytes]:
         h = _fast_headers(alen, *((CTA_IP_V4_SRC, CTA_IP_V4_DST) if alen == 4
@@ -913,26 +913,27 @@ def _create_packer(alen: int, tcp: bool) -> Callable[..., bytes]:
     if not tcp:
         def create(flags: int, seq: int, family: int, l4: int, osrc: bytes, odst: bytes,
                    osp: int, odp: int, rsrc: bytes, rdst: bytes, rsp: int, rdp: int,
-                   status: int, timeout: int, mark: int, pi: Any) -> bytes:
-            return hdr(size, CT_NEW, flags, seq, 0, family, 0, 0) + pack(
+                   status: int, timeout: int, mark: int, pi: Any, nat: bytes) -> bytes:
+            return hdr(size + len(nat), CT_NEW, flags, seq, 0, family, 0, 0) + pack(
                 o0, osrc, o1, odst, o2, l4, o3, osp, o4, odp,
-                r0, rsrc, r1, rdst, r2, l4, r3, rsp, r4, rdp, hs, status, ht, timeout, hm, mark)
+                r0, rsrc, r1, rdst, r2, l4, r3, rsp, r4, rdp, hs, status, ht, timeout, hm,
+                mark) + nat
         return create
 
     def create_tcp(flags: int, seq: int, family: int, l4: int, osrc: bytes, odst: bytes,
                    osp: int, odp: int, rsrc: bytes, rdst: bytes, rsp: int, rdp: int,
-                   status: int, timeout: int, mark: int, pi: Any) -> bytes:
+                   status: int, timeout: int, mark: int, pi: Any, nat: bytes) -> bytes:
         st, ws_o, ws_r, fl_o, fl_r = pi
-        return hdr(size, CT_NEW, flags, seq, 0, family, 0, 0) + pack(
+        return hdr(size + len(nat), CT_NEW, flags, seq, 0, family, 0, 0) + pack(
             o0, osrc, o1, odst, o2, l4, o3, osp, o4, odp,
             r0, rsrc, r1, rdst, r2, l4, r3, rsp, r4, rdp, hs, status, ht, timeout, hm, mark,
-            hti, st, hwo, ws_o, hwr, ws_r, hfo, fl_o, 0xFF, hfr, fl_r, 0xFF)
+            hti, st, hwo, ws_o, hwr, ws_r, hfo, fl_o, 0xFF, hfr, fl_r, 0xFF) + nat
     return create_tcp
 
 
 _CREATE_FAST = {(family, tcp): _create_packer(alen, tcp)
                 for family, alen in ((AF_INET, 4), (AF_INET6, 16)) for tcp in (False, True)}
-_NO_FAST_STATUS = IPS_SRC_NAT | IPS_DST_NAT
+_NAT_STATUS = IPS_SRC_NAT | IPS_DST_NAT
 
 
 def _create_fast(f: list[Any], seq: int, flags: int, default_timeout: int) -> bytes | None:
@@ -942,19 +943,27 @@ def _create_fast(f: list[Any], seq: int, flags: int, default_timeout: int) -> by
     _v, family, l4, o, r, status, timeout, mark, zone, pi, helper, labels, seqadj, master = f
     tcp = pi is not None
     create = _CREATE_FAST.get((family, tcp))
-    if (create is None or l4 not in PORT_PROTOS or status & _NO_FAST_STATUS or zone
-            or helper is not None or labels is not None or seqadj is not None
-            or master is not None or (tcp and (l4 != IPPROTO_TCP or len(pi) != 5))
-            or len(o) != 4 or len(r) != 4):
+    if (create is None or l4 not in PORT_PROTOS or zone or helper is not None
+            or labels is not None or seqadj is not None or master is not None
+            or (tcp and (l4 != IPPROTO_TCP or len(pi) != 5)) or len(o) != 4 or len(r) != 4):
         return None
     osrc, odst, osp, odp = o
     rsrc, rdst, rsp, rdp = r
     alen = 4 if family == AF_INET else 16
     if not (len(osrc) == len(odst) == len(rsrc) == len(rdst) == alen):
         return None
+    nat = b""
+    if status & _NAT_STATUS:
+        # as _create_body: the un-NATed reply (the original tuple's inverse) plus the ranges
+        # (min == max) taken from the NATed reply; destination NAT first
+        if status & IPS_DST_NAT:
+            nat = _nat(CTA_NAT_DST, rsrc, rsp)
+        if status & IPS_SRC_NAT:
+            nat += _nat(CTA_NAT_SRC, rdst, rdp)
+        rsrc, rdst, rsp, rdp = odst, osrc, odp, osp
     return create(flags, seq, family, l4, osrc, odst, osp, odp, rsrc, rdst, rsp, rdp,
                   (status & CREATE_STATUS_MASK) | IPS_CONFIRMED,
-                  default_timeout if timeout is None else timeout, mark, pi)
+                  default_timeout if timeout is None else timeout, mark, pi, nat)
 
 
 def encode_create(record: bytes, seq: int, *, ack: bool = False,
