@@ -35,10 +35,21 @@ class ProtocolParams:
     # The sender answers a given sequence number at most once per hold-off: the duplicate NACKs
     # of receivers that did not hear each other cost no extra retransmission.
     retransmit_holdoff: float = 0.020
-    # A NACK naming n datagrams of a repair block is answered with n parities plus
-    # max(parity_min_extra, ceil(n * parity_extra)) more: each parity is lost like any datagram.
-    parity_extra: float = 0.5
+    # A NACK naming n datagrams of a repair block is answered with n parities (at least as
+    # many as receivers lately missed of a block) plus max(parity_min_extra,
+    # ceil(n * parity_extra)) more, since each parity is lost like any datagram, and
+    # ``parity_insurance`` more, unasked, ``parity_insurance_delay`` after each burst: a
+    # receiver the burst left short is served even if its next NACK is lost.
+    parity_extra: float = 0.375
     parity_min_extra: int = 1
+    parity_insurance: int = 1
+    parity_insurance_delay: float = 0.010
+    # A gap in a repair block not yet sent in full is asked for this late at the latest (the
+    # rest of the block usually arrives first, and one NACK then covers the whole block).
+    nack_block_wait: float = 0.040
+    # Hearing another receiver's NACK (or a parity) for a block, wait this long, plus the
+    # need-ordered delay, for its burst before asking ourselves.
+    repair_wait: float = 0.003
     resync_rate: float = 200_000.0  # records per second, at most, in resync answers
     resync_burst: int = 512
     resync_timeout: float = 1.0
@@ -48,6 +59,10 @@ class ProtocolParams:
     gone_memory: int = 32768  # evicted datagrams whose buckets are remembered (for Gone)
     max_key: int = 255
     auto_repair: bool = True  # a digest mismatch requests a resync of that bucket
+
+    def parity_burst(self, n: int) -> int:
+        """Parities answering a NACK that names ``n`` datagrams of a repair block."""
+        return n + max(self.parity_min_extra, int(n * self.parity_extra + 0.999))
 
     @classmethod
     def from_config(cls, cfg: ReplicationConfig, buckets: int) -> ProtocolParams:

@@ -8,10 +8,15 @@ Rules, per sender (a peer is identified by its node id and incarnation):
 - DATA: a sequence number below the expected one or already buffered is a duplicate, dropped
   before decoding. Out-of-order datagrams are kept in a reorder buffer of ``reorder_datagrams``
   (beyond it they are dropped, counted, and fetched again later). Delivery is in order only.
-- Gaps are NACKed after uniform(0, nack_delay); a node sends at most one NACK datagram per
-  ``nack_interval``, carrying every gap (of every sender) due before its next slot. Hearing
-  another receiver's NACK for a gap counts as sending it (suppression).
-  Retries back off exponentially up to ``nack_retry_max``. ``Gone`` skips the gap (the sender
+- Gaps are repaired per repair block of 16 seqs (``fec.py``) by parities, any of which
+  rebuilds any one missing datagram of the block, and NACKed per block: a block known in full
+  after a delay that shrinks with what we miss of it (the receiver missing most asks first),
+  a block still filling after ``nack_block_wait`` at most; a NACK names every gap of its
+  blocks. A node sends at most one NACK datagram per ``nack_interval``, carrying every block
+  (of every sender) due before its next slot. Hearing another receiver's NACK for a block, or
+  a parity of it, defers ours by ``repair_wait`` plus the ordered delay (its burst serves us
+  too). Retries back off exponentially up to ``nack_retry_max``. Rebuilt datagrams go back
+  through the endpoint's whole acceptance path (their own MAC). ``Gone`` skips the gap (the sender
   resyncs the affected buckets). A signed but malformed DATA datagram is skipped the same way
   and a full resync from its sender is requested.
 - CONTROL: replay-checked with a bounded window over the control counter.
@@ -110,7 +115,7 @@ class _Gap:
 class _Peer:
     __slots__ = ("buffer", "ctl", "end", "incarnation", "last_heard", "missing", "next",
                  "node", "parities", "raw", "raw_floor", "restarted", "silent", "synced",
-                 "tracked")
+                 "tracked", "whole")
 
     def __init__(self, node: int, incarnation: int, now: float, window: int) -> None:
         self.node = node
@@ -120,6 +125,7 @@ class _Peer:
         self.next = FIRST_SEQ  # everything below is delivered or skipped
         self.end = FIRST_SEQ  # one past the highest sequence number known to exist
         self.tracked = FIRST_SEQ  # gaps below this are in ``missing`` (or delivered/buffered)
+        self.whole = FIRST_SEQ  # the repair blocks below this are known to exist in full
         self.buffer: dict[int, list[Message]] = {}
         self.missing: dict[int, _Gap] = {}
         # The signed bytes of the datagrams of the repair blocks from ``raw_floor`` on (the
@@ -299,12 +305,34 @@ class Receiver:
         if peer.tracked < peer.next:
             peer.tracked = peer.next
         limit = min(peer.end, peer.next + self._p.reorder_datagrams)
+        block = fec.BLOCK
+        whole = peer.end - (peer.end - FIRST_SEQ) % block
+        nack_delay = self._p.nack_delay
+        uniform = self._rng.uniform
+        if whole > peer.whole:
+            # Blocks now known in full: their gaps are asked for together, after the
+            # suppression delay (a gap of an unfinished block waits for the rest of it).
+            missing = peer.missing
+            if missing:
+                lo = max(peer.whole, peer.next)
+                lo -= (lo - FIRST_SEQ) % block
+                for first in range(lo, min(whole, peer.tracked), block):
+                    gaps = [missing[s] for s in range(first, first + block) if s in missing]
+                    if not gaps:
+                        continue
+                    due = now + self._ordered(peer, first)
+                    for gap in gaps:
+                        if gap.attempts == 0 and gap.due > due:
+                            gap.due = due
+                            self._gaps_dirty = True
+            peer.whole = whole
         if peer.tracked < limit:
-            nack_delay = self._p.nack_delay
-            uniform = self._rng.uniform
             for seq in range(peer.tracked, limit):
                 if seq not in buf:
-                    peer.missing[seq] = _Gap(now + uniform(0, nack_delay))
+                    due = now + uniform(0, nack_delay)
+                    if seq >= whole:
+                        due += self._p.nack_block_wait
+                    peer.missing[seq] = _Gap(due)
                     self.gaps_detected += 1
             peer.tracked = limit
             self._gaps_dirty = True
@@ -338,9 +366,28 @@ class Receiver:
         if len(held) >= 2 * fec.BLOCK or any(r == m.row for r, _c, _p in held):
             return
         held.append((m.row, m.count, m.payload))
-        self._rebuild(peer, first)
+        if not self._rebuild(peer, first):
+            # A repair of this block is under way (asked by us or by another receiver): let
+            # the rest of its burst arrive before asking again.
+            wait = now + self._p.repair_wait + self._ordered(peer, first)
+            missing = peer.missing
+            for s in range(first, first + fec.BLOCK):
+                gap = missing.get(s)
+                if gap is not None and gap.due < wait:
+                    gap.due = wait
+                    self._gaps_dirty = True
 
-    def _rebuild(self, peer: _Peer, first: int) -> None:
+    def _ordered(self, peer: _Peer, first: int) -> float:
+        """Delay before asking for a block: the more we miss of it, the sooner, so that the
+        receiver missing most asks first and the others, hearing it, wait for its burst."""
+        block = fec.BLOCK
+        missing = peer.missing
+        need = sum(1 for s in range(first, first + block) if s in missing)
+        need -= len(peer.parities.get(first, ()))
+        need = min(max(need, 1), block)
+        return self._p.nack_delay * (block - need + self._rng.random()) / block
+
+    def _rebuild(self, peer: _Peer, first: int) -> bool:
         held = peer.parities[first]
         raw = peer.raw
         columns = max(c for _r, c, _p in held)
@@ -350,17 +397,18 @@ class Receiver:
         if not wanted:
             if not unknown:
                 del peer.parities[first]
-            return
+            return True
         if len(held) < len(unknown):
-            return
+            return False
         known = {i: raw[first + i] for i in range(columns) if first + i in raw}
         out = fec.solve(known, unknown, held)
         if out is None:
-            return
+            return False
         del peer.parities[first]
         for i in wanted:
             self.rebuilt.append(out[i])
         self.datagrams_rebuilt += len(wanted)
+        return True
 
     # -- applying ----------------------------------------------------------------------------
 
@@ -466,33 +514,33 @@ class Receiver:
         self._deliver(peer, now)
 
     def _overheard_nack(self, m: Nack, now: float) -> None:
-        """Another receiver's NACK for ``m.target``: its sender answers with parities of each
-        repair block named, as many as the datagrams named there (plus redundancy), which
-        rebuild ours too if we miss no more of that block: then ours are treated as sent."""
+        """Another receiver's NACK for ``m.target``: its sender answers each repair block named
+        with a burst of parities, which rebuild ours of that block too (any parity serves any
+        receiver). So our own NACK for such a block waits for that burst: ``repair_wait`` plus
+        the need-ordered delay. If the burst leaves us short, or never comes (the NACK was lost
+        on its way to the sender), we ask then, before those who miss less."""
         peer = self._peers.get(m.target)
         if peer is None or peer.incarnation != m.incarnation or not peer.missing:
             return
         block = fec.BLOCK
         low = peer.next - (peer.next - FIRST_SEQ) % block
         high = peer.next + self._p.reorder_datagrams
-        named: dict[int, int] = {}
+        firsts: set[int] = set()
         for wire_start, count in m.ranges:
             origin = unwrap(wire_start, peer.next)
             start = max(origin, low)
             stop = min(origin + count, high)
-            while start < stop:
-                first = start - (start - FIRST_SEQ) % block
-                end = min(stop, first + block)
-                named[first] = named.get(first, 0) + end - start
-                start = end
+            start -= (start - FIRST_SEQ) % block
+            firsts.update(range(start, stop, block))
         missing = peer.missing
-        for first, n in named.items():
+        for first in firsts:
             mine = [missing[s] for s in range(first, first + block) if s in missing]
-            if not mine or len(mine) > n:
+            if not mine:
                 continue
+            wait = now + self._p.repair_wait + self._ordered(peer, first)
             for gap in mine:
-                gap.attempts += 1
-                gap.due = max(gap.due, now + self._retry(gap.attempts))
+                if gap.due < wait:
+                    gap.due = wait
                 self.nacks_suppressed += 1
             self._gaps_dirty = True
 
@@ -532,7 +580,14 @@ class Receiver:
         return base * self._rng.uniform(1.0, 1.5)
 
     def _nack(self, peer: _Peer, now: float, horizon: float) -> None:
-        due = sorted(s for s, g in peer.missing.items() if g.due <= horizon)
+        missing = peer.missing
+        due = sorted(s for s, g in missing.items() if g.due <= horizon)
+        if due:
+            # Every gap of a repair block with a gap due: the sender sizes its parity burst by
+            # the number of datagrams named in the block.
+            block = fec.BLOCK
+            firsts = {s - (s - FIRST_SEQ) % block for s in due}
+            due = sorted(s for s in missing if s - (s - FIRST_SEQ) % block in firsts)
         ranges: list[tuple[int, int]] = []
         for s in due:
             gap = peer.missing[s]

@@ -4,8 +4,12 @@ Rules:
 - Messages are grouped into DATA datagrams of at most ``max_datagram`` bytes; a datagram is
   sealed when the next message would not fit, or ``flush_delay`` after its first message.
 - Every sealed DATA datagram is kept, byte for byte, in a retransmit history bounded in
-  datagrams and in bytes; a NACK is answered from it (each sequence number at most once per
-  ``retransmit_holdoff``). A NACKed number that left the history is answered with ``Gone``,
+  datagrams and in bytes; a NACK is answered from it with a burst of parities of each repair
+  block it names (``fec.py``; sized for the datagrams named, the receivers that lately missed
+  most, and loss; what a burst within ``retransmit_holdoff`` sent counts), plus one parity
+  unasked ``parity_insurance_delay`` later; a block partly evicted gets plain
+  retransmissions (each sequence number at most once per ``retransmit_holdoff``).
+  A NACKed number that left the history is answered with ``Gone``,
   naming the buckets the lost datagrams touched (remembered for ``gone_memory`` datagrams),
   and those buckets are resynced.
 - Resync answers are streamed in the same sequenced stream (begin marker, updates read from
@@ -65,6 +69,9 @@ _ONE = 1.0 - 1e-9
 # Room kept free in DATA datagrams so that a parity of them (the whole datagram, its length,
 # the Parity message's fields and a HighWater) still fits one CONTROL datagram.
 REPAIR_ROOM = 64
+# Weight of one block in the running estimate of the largest share of a block a receiver
+# misses.
+_NEED_ALPHA = 0.1
 _UPDATE_KIND = {FLOW: K_FLOW_UPDATE, EXPECTATION: K_EXPECT_UPDATE}
 _DELETE_KIND = {FLOW: K_FLOW_DELETE, EXPECTATION: K_EXPECT_DELETE}
 
@@ -92,6 +99,20 @@ class SenderStatistics:
     resync_buckets: int
     resync_records: int
     stale_local: int
+
+
+class _Block:
+    """Repair state of one block (while it is wholly in the history)."""
+
+    __slots__ = ("burst", "burst_at", "burst_count", "most", "most_count", "row")
+
+    def __init__(self) -> None:
+        self.row = 0  # next parity row
+        self.burst_at = -1e300  # when the current hold-off window opened
+        self.burst = 0  # parities sent in that window
+        self.burst_count = 0  # the block's datagram count they covered
+        self.most = 0  # most datagrams of the block one NACK named
+        self.most_count = 1  # the block's datagram count then
 
 
 @dataclass(slots=True)
@@ -137,8 +158,12 @@ class Sender:
         self._gone_buckets: dict[int, tuple[int, ...]] = {}
         self._gone_floor = FIRST_SEQ
         self._retx_at: dict[int, float] = {}
-        # Repair block (first seq) -> [next parity row, time of the last burst, its size].
-        self._blocks: dict[int, list[float]] = {}
+        self._blocks: dict[int, _Block] = {}  # by first seq
+        # Running estimate of the largest share of a block one receiver misses (the most any
+        # NACK named, per block): a burst answers the NACK at hand and, as far as seen lately,
+        # the receivers that miss more and have not asked yet.
+        self._need_ratio = 0.0
+        self._insure: deque[tuple[float, int]] = deque()  # (when, block) follow-up parities
         self._parts: list[bytes] = []
         self._size = 0
         self._buckets: set[int] = set()
@@ -342,36 +367,56 @@ class Sender:
             self.enqueue_resync(self._owned if buckets is None else buckets, None, 0, now)
 
     def _repair_block(self, first: int, n: int, now: float) -> bool:
-        """Send parities of the block starting at ``first`` for a receiver missing ``n`` of its
-        datagrams: ``n`` plus redundancy (each parity is lost like any datagram), fresh rows,
-        minus what a burst within the hold-off already sent. False: rows exhausted."""
+        """Answer a NACK naming ``n`` datagrams of the block starting at ``first`` with
+        parities (fresh rows): ``n`` plus redundancy, at least what the receivers missing most
+        of recent blocks need, minus what a burst within the hold-off already sent; and one
+        more ``parity_insurance_delay`` later. False: rows exhausted."""
         p = self._p
-        state = self._blocks.get(first)
-        if state is None:
-            state = [0.0, -1e300, 0.0]
-            self._blocks[first] = state
-        want = n + max(p.parity_min_extra, int(n * p.parity_extra + 0.999))
-        recent = int(state[2]) if state[1] + p.retransmit_holdoff > now else 0
+        count = min(fec.BLOCK, self._seq - first)
+        block = self._blocks.get(first)
+        if block is None:
+            block = self._blocks[first] = _Block()
+            prev = self._blocks.get(first - fec.BLOCK)
+            if prev is not None and prev.most:
+                self._need_ratio += _NEED_ALPHA * (prev.most / prev.most_count
+                                                   - self._need_ratio)
+        if n >= block.most:
+            block.most, block.most_count = n, count
+        want = p.parity_burst(max(n, int(self._need_ratio * count + 0.5)))
+        # A burst within the hold-off counts, unless the block has grown since (a parity does
+        # not cover the datagrams sealed after it).
+        recent = block.burst if block.burst_at + p.retransmit_holdoff > now \
+            and block.burst_count == count else 0
         if want <= recent:
             self.retransmit_held += 1
             return True
-        row = int(state[0])
-        burst = min(want - recent, fec.MAX_ROWS - row)
-        if burst <= 0:
+        sent = self._send_parities(first, block, want - recent)
+        if not sent:
             return False
+        if recent == 0:
+            block.burst_at = now
+            if p.parity_insurance:
+                self._insure.append((now + p.parity_insurance_delay, first))
+        block.burst = recent + sent
+        block.burst_count = count
+        return True
+
+    def _send_parities(self, first: int, block: _Block, k: int) -> int:
+        """Up to ``k`` parities of the block with fresh rows, each in its own CONTROL
+        datagram; the number sent."""
+        k = min(k, fec.MAX_ROWS - block.row)
+        if k <= 0:
+            return 0
         count = min(fec.BLOCK, self._seq - first)
         datagrams = [self._history[s] for s in range(first, first + count)]
         hwm = encode_message(HighWater((self._seq - 1) & U32))
-        for r in range(row, row + burst):
-            part = encode_message(Parity(first & U32, count, r, fec.encode(r, datagrams)))
+        for row in range(block.row, block.row + k):
+            part = encode_message(Parity(first & U32, count, row, fec.encode(row, datagrams)))
             self._seal_control([hwm, part])
-            self.parities_sent += 1
-            self.retransmitted += 1
-        state[0] = row + burst
-        if recent == 0:
-            state[1] = now
-        state[2] = recent + burst
-        return True
+        block.row += k
+        self.parities_sent += k
+        self.retransmitted += k
+        return k
 
     def _gone_buckets_of(self, start: int, stop: int, acc: set[int] | None) -> set[int] | None:
         if acc is None or start < self._gone_floor:
@@ -483,8 +528,19 @@ class Sender:
 
     # -- timers ------------------------------------------------------------------------------
 
+    def _insurance(self, now: float) -> None:
+        """Follow-up parities: a receiver left short by a burst whose next NACK is lost still
+        gets what it lacks (the NACK chain is what makes the tail of NACKs per gap)."""
+        while self._insure and self._insure[0][0] <= now:
+            _t, first = self._insure.popleft()
+            block = self._blocks.get(first)
+            if block is not None:  # still wholly in the history
+                self._send_parities(first, block, self._p.parity_insurance)
+
     def get_timer(self) -> float | None:
         t = self._hwm_at
+        if self._insure and self._insure[0][0] < t:
+            t = self._insure[0][0]
         if self._flush_at is not None and self._flush_at < t:
             t = self._flush_at
         if self._jobs:
@@ -496,6 +552,8 @@ class Sender:
         return t
 
     def handle_timer(self, now: float) -> None:
+        if self._insure:
+            self._insurance(now)
         if self._jobs:
             self._pump_resync(now)
         if self._flush_at is not None and now >= self._flush_at:

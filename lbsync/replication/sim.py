@@ -20,7 +20,7 @@ import random
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from lbsync.replication.auth import KeyRing
 from lbsync.replication.endpoint import ReplicationEndpoint
@@ -57,6 +57,8 @@ class SimBooks:
     records_applied: int = 0
     missed: dict[tuple[int, int, int], set[int]] = field(default_factory=dict)
     nacks_per_gap: Counter[tuple[int, int, int]] = field(default_factory=Counter)
+    # Each NACK datagram's cost shared among the datagrams it names (1/k to each of k).
+    nack_share: dict[tuple[int, int, int], float] = field(default_factory=dict)
 
     def gaps(self) -> int:
         """Original DATA datagrams missed by at least one receiver."""
@@ -75,6 +77,15 @@ class SimBooks:
             return 0.0, 0, 0
         counts = sorted(self.nacks_per_gap.get(k, 0) for k in self.missed)
         return sum(counts) / g, counts[min(g - 1, (99 * g) // 100)], counts[-1]
+
+    def nack_histogram(self) -> Counter[int]:
+        """Missed datagrams by the number of NACK datagrams that named them."""
+        return Counter(self.nacks_per_gap.get(k, 0) for k in self.missed)
+
+    def nack_share_max(self) -> float:
+        """The largest NACK cost of one missed datagram, each NACK datagram shared equally
+        among the datagrams it names."""
+        return max((self.nack_share.get(k, 0.0) for k in self.missed), default=0.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +107,10 @@ class ScenarioResult:
     originals: int
     retransmissions: int
     nack_datagrams: int
+    nack_over3: int = 0  # missed datagrams named by more than 3 NACK datagrams
+    nack_histogram: tuple[tuple[int, int], ...] = ()  # (NACK datagrams, missed datagrams)
+    nack_share_max: float = 0.0
+    parities: int = 0  # of the retransmissions
 
 
 class Simulation:
@@ -266,8 +281,12 @@ class Simulation:
                     for seq in range(start, start + count):
                         named.add((m.target, m.incarnation, seq & 0xFFFFFFFF))
         if named:
-            self.books.nack_datagrams += 1
-            self.books.nacks_per_gap.update(named)
+            books = self.books
+            books.nack_datagrams += 1
+            books.nacks_per_gap.update(named)
+            share = 1.0 / len(named)
+            for k in named:
+                books.nack_share[k] = books.nack_share.get(k, 0.0) + share
 
     def next_deadline(self) -> float | None:
         t = self._heap[0][0] if self._heap else None
@@ -379,6 +398,13 @@ def schedule_traffic(sim: Simulation, *, rng: random.Random, duration: float, op
             sim.at(t, burst_action)
 
 
+def _nack_tail(books: SimBooks) -> dict[str, Any]:
+    hist = books.nack_histogram()
+    return {"nack_over3": sum(v for k, v in hist.items() if k > 3),
+            "nack_histogram": tuple(sorted(hist.items())),
+            "nack_share_max": books.nack_share_max(), "parities": books.parities}
+
+
 def run_scenario(*, seed: int, params: ProtocolParams, nodes: int = 3, loss: float = 0.0,
                  duplicate: float = 0.0, jitter: float = 0.0003,
                  mode: Literal["multicast", "unicast"] = "multicast", ops: int = 300,
@@ -419,7 +445,7 @@ def run_scenario(*, seed: int, params: ProtocolParams, nodes: int = 3, loss: flo
         entries=entries, divergence=tuple(sim.divergence()), overhead=sim.books.repair_overhead(),
         nack_mean=mean, nack_p99=p99, nack_max=mx, gaps=sim.books.gaps(),
         originals=sim.books.originals, retransmissions=sim.books.retransmissions,
-        nack_datagrams=sim.books.nack_datagrams)
+        nack_datagrams=sim.books.nack_datagrams, **_nack_tail(sim.books))
 
 
 
@@ -462,4 +488,5 @@ def run_stream(*, seed: int, params: ProtocolParams, receivers: int, loss: float
         entries=sim.entries(), divergence=tuple(sim.divergence()),
         overhead=sim.books.repair_overhead(), nack_mean=mean, nack_p99=p99, nack_max=mx,
         gaps=sim.books.gaps(), originals=sim.books.originals,
-        retransmissions=sim.books.retransmissions, nack_datagrams=sim.books.nack_datagrams)
+        retransmissions=sim.books.retransmissions, nack_datagrams=sim.books.nack_datagrams,
+        **_nack_tail(sim.books))

@@ -4,6 +4,7 @@ duplicating, reordering, partitioning network with a virtual clock."""
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import pytest
 
@@ -182,17 +183,36 @@ def test_repair_overhead_at_20_percent_three_nodes() -> None:
 
 @pytest.mark.parametrize("mode", ["multicast", "unicast"])
 @pytest.mark.parametrize("receivers", [2, 4, 8, 16])
-def test_nack_datagrams_per_gap(receivers: int, mode: str) -> None:
+def test_nack_datagrams_per_gap_at_5_percent(receivers: int, mode: str) -> None:
     """Suppression (no NACK storm): per datagram missed by at least one receiver, the NACK
-    datagrams that named it over all repair rounds: mean <= 1.5 and 99th percentile <= 3 at
-    5 % loss. At 20 % loss the NACKs and repairs are lost too, so a gap needs on average
-    1/(0.8*0.8) rounds whatever the protocol; there the NACK datagrams per gap, as a ratio of
-    totals (aggregation), must stay <= 1.5."""
+    datagrams that named it over all repair rounds: mean <= 1.5, 99th percentile <= 3."""
     r = run_stream(seed=receivers, params=P, receivers=receivers, loss=0.05,
                    mode=mode, records=4000)  # type: ignore[arg-type]
     assert r.converged and r.gaps > 20
     assert r.nack_mean <= 1.5 and r.nack_p99 <= 3, (r.nack_mean, r.nack_p99, r.nack_max)
-    r = run_stream(seed=receivers, params=P, receivers=receivers, loss=0.2,
-                   mode=mode, records=4000)  # type: ignore[arg-type]
-    assert r.converged and r.gaps > 50
-    assert r.nack_datagrams / r.gaps <= 1.5, (r.nack_datagrams, r.gaps)
+
+
+@pytest.mark.parametrize("mode", ["multicast", "unicast"])
+@pytest.mark.parametrize("receivers", [2, 4, 8, 16])
+def test_repair_at_20_percent_loss(receivers: int, mode: str) -> None:
+    """Issue 5's repair figures at 20 % independent loss (NACKs and repairs lost too), one
+    owner streaming 20k records/s to 2..16 receivers while the loss goes on, over 4 seeds:
+    repair overhead (repair datagrams + NACK datagrams) / datagrams missed by at least one
+    receiver <= 1.5; NACK datagrams naming a missed datagram, all rounds, all receivers:
+    mean <= 1.5; more than 3 for at most 2.5 % of them. The maximum is not asserted <= 3
+    (it is 4..6 here): three NACK datagrams in a row lost on their way to the sender
+    (0.2^3 = 0.8 % of NACK chains) already make a fourth necessary; docs/protocol.md."""
+    gaps = repairs = nacks = 0
+    hist: Counter[int] = Counter()
+    for seed in range(4):
+        r = run_stream(seed=1000 * seed + receivers, params=P, receivers=receivers,
+                       loss=0.2, mode=mode, records=4000)  # type: ignore[arg-type]
+        assert r.converged, (seed, r.divergence)
+        gaps, repairs, nacks = gaps + r.gaps, repairs + r.retransmissions, \
+            nacks + r.nack_datagrams
+        hist.update(dict(r.nack_histogram))
+    assert gaps > 400 and hist.total() == gaps
+    assert (repairs + nacks) / gaps <= 1.5, (repairs, nacks, gaps)
+    counts = sorted(hist.elements())
+    assert sum(counts) / gaps <= 1.5, hist
+    assert sum(v for k, v in hist.items() if k > 3) <= 0.025 * gaps, hist

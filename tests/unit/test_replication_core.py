@@ -135,12 +135,14 @@ def test_lost_datagram_nacked_and_retransmitted_byte_for_byte() -> None:
             b.datagram_received(d, 0.0)
     assert b.statistics().receiver.gaps_open == 1
     assert not b.datagrams_to_send()  # the NACK waits a random delay (suppression)
-    t = b.get_timer()
-    assert t is not None and 0 < t <= P.nack_delay + P.nack_interval
-    b.handle_timer(t)
-    ctl = b.datagrams_to_send()
-    nacks = [m for m in control_messages(ctl) if isinstance(m, Nack)]
-    assert nacks and nacks[0].target == 1
+    nacks: list[Nack] = []
+    while not nacks:  # a block still filling: the rest of it gets nack_block_wait to come
+        t = b.get_timer()
+        assert t is not None and 0 < t <= P.nack_delay + P.nack_block_wait
+        b.handle_timer(t)
+        ctl = b.datagrams_to_send()
+        nacks = [m for m in control_messages(ctl) if isinstance(m, Nack)]
+    assert nacks[0].target == 1
     for d in ctl:
         a.datagram_received(d, t)
     # Answered with parities of the repair block: one for the datagram named plus one of
@@ -348,26 +350,63 @@ def test_overheard_nack_suppresses_our_own() -> None:
     assert second.store.snapshot(0) == a.store.snapshot(0)
 
 
-def test_overheard_nack_naming_fewer_of_a_block_does_not_suppress() -> None:
-    """Parities answer a NACK in number of the datagrams it names in a repair block: a
-    receiver missing more of that block must still ask."""
-    a, b, c = ep(1), ep(2), ep(3)
+def _one_block(a: ReplicationEndpoint) -> list[bytes]:
+    """A whole repair block (16 datagrams) and one more from ``a``."""
     a.claim(0, 1, 0.0, announce=False)
-    for i in range(30):
+    for i in range(17):
         a.update_flow(0, b"k%d" % i, b"x" * 100, 0.0)
-    a.flush(0.0)
-    ds = a.datagrams_to_send()
+        a.flush(0.0)
+    return a.datagrams_to_send()
+
+
+def test_receiver_missing_more_of_a_block_asks_first() -> None:
+    """The NACK delay of a whole block shrinks with what a receiver misses of it: the one
+    missing most asks first, its burst is sized for it and serves the others."""
+    a, b, c = ep(1), ep(2), ep(3)
+    ds = _one_block(a)
     for i, d in enumerate(ds):
-        if i != 0:
+        if i != 3:
             b.datagram_received(d, 0.0)
-        if i > 1:
+        if i not in (1, 3, 5, 7, 9):
             c.datagram_received(d, 0.0)
-    tb = b.get_timer()
-    assert tb is not None
-    b.handle_timer(tb)
-    for d in b.datagrams_to_send():
-        c.datagram_received(d, tb)
-    assert c.statistics().receiver.nacks_suppressed == 0
+    tb, tc = b.get_timer(), c.get_timer()
+    assert tb is not None and tc is not None and tc < tb <= P.nack_delay
+    c.handle_timer(tc)
+    nack = c.datagrams_to_send()
+    assert [m for m in control_messages(nack) if isinstance(m, Nack)]
+    for d in nack:
+        b.datagram_received(d, tc)
+        a.datagram_received(d, tc)
+    assert b.statistics().receiver.nacks_suppressed == 1
+    burst = a.datagrams_to_send()
+    assert len(burst) == P.parity_burst(5)
+    for d in burst:
+        b.datagram_received(d, tc)
+        c.datagram_received(d, tc)
+    assert b.store.snapshot(0) == c.store.snapshot(0) == a.store.snapshot(0)
+    assert b.statistics().receiver.nack_messages == 0
+
+
+def test_suppressed_receiver_asks_when_the_heard_nack_brings_no_burst() -> None:
+    """Another receiver's NACK lost on its way to the sender: no parity follows, and the
+    receiver that heard it asks itself once ``repair_wait`` plus its ordered delay passed."""
+    a, b, c = ep(1), ep(2), ep(3)
+    ds = _one_block(a)
+    for r in (b, c):
+        for i, d in enumerate(ds):
+            if i != 2:
+                r.datagram_received(d, 0.0)
+    tb, tc = b.get_timer(), c.get_timer()
+    assert tb is not None and tc is not None
+    first, second = (b, c) if tb < tc else (c, b)
+    t0 = min(tb, tc)
+    first.handle_timer(t0)
+    for d in first.datagrams_to_send():
+        second.datagram_received(d, t0)  # the sender never hears it
+    t1 = second.get_timer()
+    assert t1 is not None and t0 + P.repair_wait <= t1 <= t0 + P.repair_wait + P.nack_delay
+    second.handle_timer(t1)
+    assert [m for m in control_messages(second.datagrams_to_send()) if isinstance(m, Nack)]
 
 
 def test_sender_answers_a_seq_once_per_holdoff() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import lbsync.replication
 
-CORE = ["auth", "endpoint", "events", "params", "rangeset", "receiver", "sender", "sim",
+CORE = ["auth", "endpoint", "events", "fec", "params", "rangeset", "receiver", "sender", "sim",
         "store", "wire"]
 FORBIDDEN = {"asyncio", "socket", "time", "pyroute2", "uvloop", "selectors", "threading"}
 
