@@ -27,6 +27,7 @@ from lbsync.replication.wire import (
     Membership,
     Message,
     Nack,
+    Parity,
     RemoteProtocolError,
     ResyncBegin,
     ResyncDone,
@@ -81,6 +82,34 @@ def test_golden_vectors_decode(golden: bytes, header: Header, messages: list[Mes
     assert parse_header(golden) == header
     assert KEYRING.verify(1, golden[:-MAC_LEN], golden[-MAC_LEN:])
     assert decode_body(golden[HEADER_LEN:-MAC_LEN], header.type, LIMITS) == messages
+
+
+# A repair datagram: parity row 3 of the block of seqs 33..48 (payload opaque here).
+PARITY_MESSAGES: list[Message] = [HighWater(41), Parity(33, 16, 3, b"\x00\x05parit")]
+GOLDEN_PARITY = bytes.fromhex(
+    "4c53010202010000000000090000000600000001929210299514211003c40700057061726974ac660d0c206f"
+    "7bd17135c3af6b69d458")
+
+
+def test_golden_parity_datagram() -> None:
+    h = Header(TYPE_CONTROL, 2, 1, 9, 6, 1)
+    assert build(h, PARITY_MESSAGES) == GOLDEN_PARITY
+    assert decode_body(GOLDEN_PARITY[HEADER_LEN:-MAC_LEN], TYPE_CONTROL, LIMITS) \
+        == PARITY_MESSAGES
+
+
+@pytest.mark.parametrize("fields", [
+    [20, 33, 0, 3, b"\x00\x01x"],  # count 0
+    [20, 33, 17, 3, b"\x00\x01x"],  # count beyond a block
+    [20, 33, 16, 240, b"\x00\x01x"],  # row beyond the Cauchy matrix
+    [20, 33, 16, 3, b"x"],  # no room for the length
+    [20, 33, 16, 3],  # a field short
+])
+def test_malformed_parity_rejected(fields: list[object]) -> None:
+    body = msgpack.packb([fields], use_bin_type=True)
+    with pytest.raises(RemoteProtocolError) as exc:
+        decode_body(body, TYPE_CONTROL, LIMITS)
+    assert exc.value.reason == "malformed"
 
 
 def test_header_layout_is_twenty_bytes_network_order() -> None:
