@@ -141,6 +141,14 @@ class BucketStore:
         self._changed[EXPECTATION][bucket] = {}
         return (self.count(bucket), self._sums[bucket])
 
+    def digest_cost(self, bucket: int) -> int:
+        """About how many entries the next ``digest(bucket)`` hashes (the changed ones twice:
+        old and new summands; the whole bucket when it is recomputed from scratch)."""
+        flows, exps = self._changed[FLOW][bucket], self._changed[EXPECTATION][bucket]
+        if flows is None or exps is None:
+            return self.count(bucket)
+        return 2 * (len(flows) + len(exps))
+
     def snapshot(self, bucket: int) -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
         """Copies of a bucket's flows and expectations (tests, status)."""
         return dict(self._tables[FLOW][bucket]), dict(self._tables[EXPECTATION][bucket])

@@ -124,3 +124,16 @@ def test_a_bulk_fill_holds_no_note_per_entry_and_digests_stay_right() -> None:
         s.put(FLOW, 0, 1, i.to_bytes(4, "big"), b"changed")
     assert s._changed[FLOW][0] is not None
     assert s.digest(0) == _scratch_digest(s, 0)
+
+
+def test_digest_cost_counts_what_the_next_digest_hashes() -> None:
+    s = BucketStore(1)
+    assert s.digest_cost(0) == 0
+    for i in range(10):
+        s.put(FLOW, 0, 1, bytes([i]), b"r")
+    assert s.digest_cost(0) == 20  # old and new summand of each changed entry, at most
+    s.digest(0)
+    assert s.digest_cost(0) == 0
+    for i in range(1000):  # past the notes' bound: the next digest hashes the whole bucket
+        s.put(FLOW, 0, 1, i.to_bytes(2, "big"), b"x")
+    assert s.digest_cost(0) == s.count(0)
