@@ -63,7 +63,8 @@ SERIES: dict[str, str] = {
     "lbsync_replication_records_sent_total": "counter: records this node replicated",
     "lbsync_replication_datagrams_sent_total": "counter: replication datagrams sent",
     "lbsync_replication_bytes_sent_total": "counter: replication bytes sent",
-    "lbsync_replication_retransmitted_total": "counter: datagrams sent again after NACKs",
+    "lbsync_replication_retransmitted_total": "counter: repair datagrams sent (parities and "
+                                              "plain retransmissions)",
     "lbsync_replication_nacks_received_total": "counter: NACKs from peers",
     "lbsync_replication_nacks_sent_total": "counter: NACK messages this node sent",
     "lbsync_replication_nacked_seqs_total": "counter: sequence numbers this node NACKed",
