@@ -403,7 +403,7 @@ class Node:
             self.c["owner_handshake_skipped"] += skipped
         self.c["owner_events"] += len(events)
         if self.transport is not None:
-            self.transport.pump()
+            self.transport.flush_soon()  # sealed and sent when this burst of callbacks is done
 
     def _on_kernel_resync(self, table: list[CtEvent]) -> None:
         """After lost events (ENOBUFS): the owned buckets' kernel table is the truth."""

@@ -139,6 +139,7 @@ class ReplicationTransport(asyncio.DatagramProtocol):
         self._transport: asyncio.DatagramTransport | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        self._flush_scheduled = False
         self.datagrams_in = 0
         self.datagrams_out = 0
         self.send_errors = 0
@@ -185,6 +186,23 @@ class ReplicationTransport(asyncio.DatagramProtocol):
                 self._timer.cancel()
             self._timer = None if when is None else self._loop.call_at(when, self._fire)
             self._timer_at = when
+
+    def flush_soon(self) -> None:
+        """Seal the open datagram once the callbacks ready now have run, then pump.
+
+        A burst read in one callback still shares datagrams, but a record written when the
+        loop is about to idle leaves within one loop turn instead of waiting for the flush
+        delay (which stays the upper bound: the sender's own timer)."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush_idle)
+
+    def _flush_idle(self) -> None:
+        self._flush_scheduled = False
+        if self.closed.done():
+            return
+        self.endpoint.flush(self._loop.time())
+        self.pump()
 
     def _fire(self) -> None:
         self._timer = None

@@ -72,3 +72,41 @@ def test_setup_errors_are_explained() -> None:
         multicast_socket("239.18.0.1", free_port(), "nonexistent0", buffer=1 << 20)
     with pytest.raises(TransportError, match="not configured"):
         unicast_socket("198.18.254.254", free_port(), buffer=1 << 20)
+
+
+async def _flush_on_idle() -> tuple[list[int], int]:
+    """A flush delay far beyond the test: what leaves is sealed by ``flush_soon``."""
+    loop = asyncio.get_running_loop()
+    port = free_port()
+    params = ProtocolParams(buckets=8, flush_delay=3600.0)
+    applied: list[Event] = []
+    eps = [ReplicationEndpoint(node_id=i, incarnation=1, keyring=KR, params=params,
+                               now=loop.time(), rng=random.Random(i)) for i in (1, 2)]
+    trs = [await open_unicast(ep, address=f"127.0.0.{i}", port=port,
+                              peers=[f"127.0.0.{3 - i}"], buffer=1 << 20,
+                              on_event=applied.append) for i, ep in enumerate(eps, 1)]
+    eps[0].claim(3, 1, loop.time())
+    trs[0].pump()
+    sent = []
+    for burst in (1, 5):  # one record; then a burst written in one callback
+        before = eps[0].sender.datagrams_sent
+        for i in range(burst):
+            eps[0].update_flow(3, b"b%d-%d" % (burst, i), b"r" * 40, loop.time())
+            trs[0].flush_soon()
+        assert eps[0].sender.datagrams_sent == before  # not before the callbacks are done
+        await asyncio.sleep(0)  # one loop turn
+        sent.append(eps[0].sender.datagrams_sent - before)
+    for _ in range(200):
+        if eps[1].store.snapshot(3) == eps[0].store.snapshot(3):
+            break
+        await asyncio.sleep(0.01)
+    for tr in trs:
+        tr.close()
+    return sent, len(eps[1].store.snapshot(3)[0])
+
+
+def test_flush_soon_seals_after_the_current_callbacks() -> None:
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        sent, copies = runner.run(_flush_on_idle())
+    assert sent == [1, 1]  # within one turn despite the flush delay; the burst shares one
+    assert copies == 6
