@@ -57,6 +57,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tests.event_listener import NamespaceEventListener
+
 SAMPLE_SRC = "198.18.0.250"
 DST = "198.18.1.10"
 DPORT = 5001
@@ -234,7 +236,7 @@ PROBE_PORT = 65535
 SRC_OFFSET = 32  # nlmsghdr 16 + nfgenmsg 4 + CTA_TUPLE_ORIG 4 + CTA_TUPLE_IP 4 + CTA_IP_V4_SRC 4
 
 
-class NewEventListener:
+class NewEventListener(NamespaceEventListener):
     """One NEW-event socket per peer namespace, read by a thread, timestamping (wall clock)
     the copies of sampled entries by source port. A classic BPF filter keeps only messages
     whose original source address is SAMPLE_SRC, so bursts of thousands of copies cost the
@@ -242,54 +244,28 @@ class NewEventListener:
     a batched injector makes, although every entry arrived)."""
 
     def __init__(self, lab: Any, peers: Sequence[int]) -> None:
-        import threading
-
-        from lbsync.kernel.conntrack import open_netfilter_socket
         from lbsync.kernel.ctnetlink import NFNLGRP_CONNTRACK_NEW
-        from lbsync.lab.traffic import in_netns
 
-        self.seen: dict[int, dict[int, float]] = {}
-        self.overruns = 0
+        self.seen: dict[int, dict[int, float]] = {p: {} for p in peers}
         self.policy = "?"
-        self._stop = threading.Event()
-        self._threads = []
         want = int.from_bytes(socket.inet_aton(SAMPLE_SRC), "big")
-        prog = [(0x20, 0, 0, SRC_OFFSET), (0x15, 0, 1, want), (0x06, 0, 0, 0xFFFFFFFF),
-                (0x06, 0, 0, 0)]
-        for p in peers:
-            with in_netns(lab.node_ns(p)):
-                sock = open_netfilter_socket(rcvbuf=64 << 20, groups=(NFNLGRP_CONNTRACK_NEW,))
-            _attach(sock, prog)
-            sock.settimeout(0.1)
-            self.seen[p] = {}
-            t = threading.Thread(target=self._run, args=(p, sock), daemon=True)
-            t.start()
-            self._threads.append(t)
+        self._prog = [(0x20, 0, 0, SRC_OFFSET), (0x15, 0, 1, want), (0x06, 0, 0, 0xFFFFFFFF),
+                      (0x06, 0, 0, 0)]
+        super().__init__(lab, peers, (NFNLGRP_CONNTRACK_NEW,), clock=time.time,
+                         recv_size=1 << 16)
 
-    def _run(self, peer: int, sock: socket.socket) -> None:
+    def prepare(self, node: int, sock: socket.socket) -> None:
+        _attach(sock, self._prog)
+
+    def on_thread_start(self) -> None:
+        self.policy = _realtime()
+
+    def handle(self, node: int, data: bytes, t: float) -> None:
         from lbsync.kernel.ctnetlink import decode
 
-        got = self.seen[peer]
-        self.policy = _realtime()
-        try:
-            while not self._stop.is_set():
-                try:
-                    data = sock.recv(1 << 16)
-                except TimeoutError:
-                    continue
-                except OSError:
-                    self.overruns += 1
-                    continue
-                t = time.time()
-                for ev in decode(data).events:
-                    got.setdefault(int.from_bytes(ev.key[4:6], "big"), t)
-        finally:
-            sock.close()
-
-    def close(self) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(2)
+        got = self.seen[node]
+        for ev in decode(data).events:
+            got.setdefault(int.from_bytes(ev.key[4:6], "big"), t)
 
 
 def _attach(sock: socket.socket, prog: list[tuple[int, int, int, int]]) -> None:

@@ -19,17 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import ipaddress
-import socket
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from lbsync.control import ControlError
-from lbsync.kernel.conntrack import ConntrackRequests, open_netfilter_socket
+from lbsync.kernel.conntrack import ConntrackRequests
 from lbsync.kernel.ctnetlink import KIND_DESTROY, NFNLGRP_CONNTRACK_DESTROY, decode
 from lbsync.kernel.flowrecord import (
     IPS_DST_NAT_DONE,
@@ -43,6 +40,7 @@ from lbsync.kernel.flowrecord import (
 from lbsync.lab import daemons
 from lbsync.lab.farm import Lab, LabError
 from lbsync.lab.traffic import in_netns
+from tests.event_listener import NamespaceEventListener
 
 LOCAL_STATUS = IPS_SRC_NAT_DONE | IPS_DST_NAT_DONE | IPS_DYING
 
@@ -253,7 +251,7 @@ def wait_equal(lab: Lab, timeout: float, **kw: Any) -> Comparison:
         time.sleep(0.5)
 
 
-class DestroyWatcher:
+class DestroyWatcher(NamespaceEventListener):
     """Timestamps of every DESTROY event in the given nodes' kernels (one listening socket
     per namespace, read by a thread), so lags are measured from the owner's DESTROY itself.
 
@@ -263,50 +261,15 @@ class DestroyWatcher:
     """
 
     def __init__(self, lab: Lab, nodes: Iterable[int]) -> None:
-        self.destroyed: dict[int, dict[bytes, float]] = {}
-        self.overruns = 0
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-        for i in nodes:
-            with in_netns(lab.node_ns(i)):
-                sock = open_netfilter_socket(rcvbuf=64 << 20,
-                                             groups=(NFNLGRP_CONNTRACK_DESTROY,))
-            sock.settimeout(0.1)
-            self.destroyed[i] = {}
-            t = threading.Thread(target=self._run, args=(i, sock), daemon=True)
-            t.start()
-            self._threads.append(t)
+        ids = tuple(nodes)
+        self.destroyed: dict[int, dict[bytes, float]] = {i: {} for i in ids}
+        super().__init__(lab, ids, (NFNLGRP_CONNTRACK_DESTROY,))
 
-    def _run(self, node: int, sock: socket.socket) -> None:
+    def handle(self, node: int, data: bytes, t: float) -> None:
         seen = self.destroyed[node]
-        try:
-            while not self._stop.is_set():
-                try:
-                    data = sock.recv(1 << 17)
-                except TimeoutError:
-                    continue
-                except OSError as e:
-                    if e.errno == errno.ENOBUFS:
-                        self.overruns += 1
-                        continue
-                    raise
-                t = time.monotonic()
-                for ev in decode(data).events:
-                    if ev.kind == KIND_DESTROY:
-                        seen.setdefault(ev.key, t)
-        finally:
-            sock.close()
-
-    def close(self) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(2)
-
-    def __enter__(self) -> DestroyWatcher:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        for ev in decode(data).events:
+            if ev.kind == KIND_DESTROY:
+                seen.setdefault(ev.key, t)
 
 
 @dataclass
