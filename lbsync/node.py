@@ -730,13 +730,12 @@ class Node:
         host is overcommitted (more runnable tasks than CPUs, /proc/loadavg) a busy loop also
         sleeps YIELD_OVERCOMMIT_SLEEP per check, leaving the others their share; bulk work
         then takes longer, heartbeats wait at most that long."""
-        cpu = time.thread_time()
-        busy = cpu - self._cpu_mark > YIELD_BUSY_CHECK / 2
+        busy, pause = yield_plan(time.thread_time() - self._cpu_mark, _host_overcommitted)
         if busy:
             os.sched_yield()
             self.c["cpu_yields"] += 1
-            if _host_overcommitted():
-                time.sleep(YIELD_OVERCOMMIT_SLEEP)
+            if pause:
+                time.sleep(pause)
                 self.c["cpu_overcommit_sleeps"] += 1
         self._cpu_mark = time.thread_time()
         if not self.stopping:
@@ -875,14 +874,24 @@ class Node:
 _NCPU = os.cpu_count() or 1
 
 
-def _host_overcommitted() -> bool:
-    """More runnable tasks than CPUs right now (/proc/loadavg: "running/total")."""
+def yield_plan(cpu_used: float, overcommitted: Callable[[], bool]) -> tuple[bool, float]:
+    """For :meth:`Node._cpu_yield`: (busy, seconds to sleep) after the loop's thread used
+    ``cpu_used`` seconds of CPU since the last check. Busy means more than half of a
+    YIELD_BUSY_CHECK; a busy loop on an overcommitted host also sleeps YIELD_OVERCOMMIT_SLEEP
+    (``overcommitted`` is asked only then: it reads /proc)."""
+    busy = cpu_used > YIELD_BUSY_CHECK / 2
+    return busy, (YIELD_OVERCOMMIT_SLEEP if busy and overcommitted() else 0.0)
+
+
+def _host_overcommitted(path: str = "/proc/loadavg", ncpu: int | None = None) -> bool:
+    """More runnable tasks than CPUs right now (/proc/loadavg: "running/total"); False when
+    the file cannot be read or parsed."""
     try:
-        with open("/proc/loadavg", "rb") as f:
+        with open(path, "rb") as f:
             running = int(f.read().split()[3].split(b"/")[0])
     except (OSError, ValueError, IndexError):
         return False
-    return running > _NCPU
+    return running > (_NCPU if ncpu is None else ncpu)
 
 
 def owner_map_from_target(tm: TargetMap) -> OwnerMap:

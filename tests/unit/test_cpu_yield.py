@@ -1,0 +1,47 @@
+"""The daemon's CPU-yield decision (issue 7): a busy loop yields, and sleeps a little only on
+an overcommitted host; /proc/loadavg's running count against the CPU count decides that."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lbsync.node import (
+    YIELD_BUSY_CHECK,
+    YIELD_OVERCOMMIT_SLEEP,
+    _host_overcommitted,
+    yield_plan,
+)
+
+
+def test_idle_loop_neither_yields_nor_asks_about_the_host() -> None:
+    asked: list[bool] = []
+
+    def overcommitted() -> bool:
+        asked.append(True)
+        return True
+
+    assert yield_plan(YIELD_BUSY_CHECK / 2, overcommitted) == (False, 0.0)
+    assert asked == []  # /proc is read only when the loop was busy
+
+
+def test_busy_loop_yields_and_sleeps_only_when_overcommitted() -> None:
+    busy = YIELD_BUSY_CHECK * 0.9
+    assert yield_plan(busy, lambda: False) == (True, 0.0)
+    assert yield_plan(busy, lambda: True) == (True, YIELD_OVERCOMMIT_SLEEP)
+
+
+def test_overcommit_reads_running_tasks_against_cpus(tmp_path: Path) -> None:
+    f = tmp_path / "loadavg"
+    f.write_text("2.10 1.50 1.20 3/412 98765\n")
+    assert _host_overcommitted(str(f), ncpu=2)
+    assert not _host_overcommitted(str(f), ncpu=3)
+    f.write_text("0.10 0.10 0.10 1/412 98765\n")
+    assert not _host_overcommitted(str(f), ncpu=2)
+
+
+def test_unreadable_or_garbled_loadavg_is_not_overcommitted(tmp_path: Path) -> None:
+    assert not _host_overcommitted(str(tmp_path / "missing"), ncpu=1)
+    f = tmp_path / "loadavg"
+    for text in ("", "1 2 3", "1 2 3 x/y 4", "\x00\x01"):
+        f.write_text(text)
+        assert not _host_overcommitted(str(f), ncpu=1), text
