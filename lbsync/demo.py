@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -32,6 +33,8 @@ def register(sub: Any) -> None:
     p.add_argument("--udp", type=int, default=150, help="UDP flows")
     p.add_argument("--victim", type=int, default=2, help="node to kill")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--no-keepalived", action="store_true",
+                   help="run without keepalived (heartbeats only)")
     p.set_defaults(func=_demo)
 
 
@@ -111,6 +114,9 @@ def _demo(args: argparse.Namespace) -> int:
         raise UsageError("--nodes must be >= 3 (a majority must survive the kill)")
     if not 1 <= args.victim <= args.nodes:
         raise UsageError(f"--victim must be 1..{args.nodes}")
+    if not args.no_keepalived and shutil.which("keepalived") is None:
+        raise UsageError("keepalived is not installed (apt-get install keepalived, or run "
+                         ".ci/install), or pass --no-keepalived")
     if exists(args.name):
         raise UsageError(f"lab {args.name!r} exists already (lbsync lab down --name {args.name})")
     summary: dict[str, Any] = {}
@@ -119,10 +125,14 @@ def _demo(args: argparse.Namespace) -> int:
     try:
         _say(f"building a {args.nodes}-node lab farm {args.name!r} in network namespaces")
         lab = Lab.create(args.name, args.nodes, buckets=64)
+        ka = not args.no_keepalived
         _say("starting lbsync and keepalived (one VRRP instance per node on the management "
-             "link: lbsync's second failure signal) on every node")
-        daemons.up(lab, keepalived=True, timeout=30)
-        _say("keepalived steady: every node MASTER of its own instance, BACKUP of the others'")
+             "link: lbsync's second failure signal) on every node" if ka else
+             "starting lbsync on every node (without keepalived)")
+        daemons.up(lab, keepalived=ka, timeout=30)
+        if ka:
+            _say("keepalived steady: every node MASTER of its own instance, BACKUP of the "
+                 "others'")
         owners = {i: len(daemons.status(lab, i)["forwarding"]) for i in lab.node_ids}
         per_node: dict[int, dict[str, Any]] = {i: {"start": n} for i, n in owners.items()}
         _say("farm ready; buckets per node: "
@@ -159,10 +169,11 @@ def _demo(args: argparse.Namespace) -> int:
                  f"(safety pass {r['safety_pass_s'] * 1000:.1f} ms, injected {r['injected']}, "
                  f"claim {r['claim_s'] * 1000:.1f} ms)")
         _say(f"all of node {victim}'s buckets claimed {t_claim * 1000:.0f} ms after the kill")
-        vrrp_master = _vrrp_master(lab, survivors, victim)
-        _say(f"keepalived: node {vrrp_master} is MASTER of lbsync-{victim} (VRRP agrees: node "
-             f"{victim} is dead)" if vrrp_master else
-             f"keepalived: no survivor reports MASTER of lbsync-{victim} yet")
+        vrrp_master = _vrrp_master(lab, survivors, victim) if ka else None
+        if ka:
+            _say(f"keepalived: node {vrrp_master} is MASTER of lbsync-{victim} (VRRP agrees: "
+                 f"node {victim} is dead)" if vrrp_master else
+                 f"keepalived: no survivor reports MASTER of lbsync-{victim} yet")
         time.sleep(3.0)
         for i in lab.node_ids:
             per_node[i]["after_kill"] = (len(daemons.status(lab, i)["forwarding"])
@@ -176,7 +187,8 @@ def _demo(args: argparse.Namespace) -> int:
         _say(f"bringing node {victim} back: it rejoins empty and resyncs before owning anything")
         daemons.links(lab, victim, up=True)
         daemons.start_daemon(lab, victim)
-        daemons.start_keepalived(lab, victim)
+        if ka:
+            daemons.start_keepalived(lab, victim)
         back = daemons.wait_for(lambda: (s := daemons.status(lab, victim))["ready"] and s,
                                 30, what="rejoin")
         _say(f"node {victim} ready with {back['store_entries']} standby entries, owning "
@@ -188,8 +200,9 @@ def _demo(args: argparse.Namespace) -> int:
              f"{handback['batches']} batches, {handback['total_s']} s; forwarding gap per "
              f"bucket p50 {gaps.get('p50')} ms, max {gaps.get('max')} ms")
         owned_back = len(daemons.status(lab, victim)["forwarding"])
-        daemons.wait_vrrp_steady(lab, timeout=20)
-        _say(f"keepalived steady again: node {victim} MASTER of lbsync-{victim}")
+        if ka:
+            daemons.wait_vrrp_steady(lab, timeout=20)
+            _say(f"keepalived steady again: node {victim} MASTER of lbsync-{victim}")
         for i in lab.node_ids:
             st = daemons.status(lab, i)
             per_node[i]["after_handback"] = len(st["forwarding"])

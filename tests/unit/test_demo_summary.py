@@ -21,3 +21,16 @@ def test_summary_tables_rows_and_alignment() -> None:
     header = next(ln for ln in lines if "after handback" in ln)
     assert all(len(r) == len(header) for r in node_rows)
     assert any("lost" in ln and ln.rstrip().endswith(" 0") for ln in lines)
+
+
+def test_demo_without_keepalived_installed_is_one_line_exit_2() -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PATH": "/nonexistent"}
+    cp = subprocess.run([sys.executable, "-m", "lbsync", "demo", "--name", "lbtnoka"],
+                        capture_output=True, text=True, timeout=60, env=env)
+    assert cp.returncode == 2
+    assert cp.stderr.strip().count("\n") == 0
+    assert "keepalived is not installed" in cp.stderr and "--no-keepalived" in cp.stderr
