@@ -152,29 +152,23 @@ def register_farm_commands(sub: Any) -> None:
     d = sub.add_parser("drill", help="rehearse a failure on the live farm")
     dsub = d.add_subparsers(dest="drill", metavar="KIND")
     dsub.required = True
-    f = dsub.add_parser("fail", help="NODE stops forwarding without handoff; measure the "
-                                     "takeover; restore it")
-    f.add_argument("node", type=int, metavar="NODE", help="the node to fail")
-    _common(f)
-    _direct(f)
-    f.add_argument("--duration", type=float, default=3.0, metavar="S",
-                   help="how long the node stays failed (default %(default)s s)")
-    f.add_argument("--timeout", type=float, default=20.0, metavar="S",
-                   help="give up when the farm has not reacted within S seconds")
-    f.add_argument("--json", action="store_true", help="print the report as JSON")
-    f.set_defaults(func=_drill_fail, kind="fail")
-    pt = dsub.add_parser("partition", help="NODE loses its replication link for --duration; "
-                                           "measure the takeover; the link heals after")
-    pt.add_argument("node", type=int, metavar="NODE", help="the node to cut off")
-    _common(pt)
-    _direct(pt)
-    pt.add_argument("--duration", type=float, default=6.0, metavar="S",
-                    help="how long the link stays cut (default %(default)s s; must exceed "
-                         "the failure detection time)")
-    pt.add_argument("--timeout", type=float, default=20.0, metavar="S",
-                    help="give up when the farm has not reacted within S seconds")
-    pt.add_argument("--json", action="store_true", help="print the report as JSON")
-    pt.set_defaults(func=_drill_fail, kind="partition")
+    for kind, what, helptext, duration, duration_help in (
+            ("fail", "the node to fail", "NODE stops forwarding without handoff; measure the "
+             "takeover; restore it", 3.0, "how long the node stays failed (default "
+             "%(default)s s)"),
+            ("partition", "the node to cut off", "NODE loses its replication link for "
+             "--duration; measure the takeover; the link heals after", 6.0, "how long the "
+             "link stays cut (default %(default)s s; must exceed the failure detection time)")):
+        d = dsub.add_parser(kind, help=helptext)
+        d.add_argument("node", type=int, metavar="NODE", help=what)
+        _common(d)
+        _direct(d)
+        d.add_argument("--duration", type=float, default=duration, metavar="S",
+                       help=duration_help)
+        d.add_argument("--timeout", type=float, default=20.0, metavar="S",
+                       help="give up when the farm has not reacted within S seconds")
+        d.add_argument("--json", action="store_true", help="print the report as JSON")
+        d.set_defaults(func=_drill_fail, kind=kind)
     dd = dsub.add_parser("drain", help="NODE drains by planned handoff, measured; undrained "
                                        "after")
     dd.add_argument("node", type=int, metavar="NODE", help="the node to drain")

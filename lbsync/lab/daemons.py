@@ -67,6 +67,14 @@ def daemon_argv(lab: Lab, node_id: int, extra: Sequence[str] = ()) -> list[str]:
             "--node-id", str(node_id), *extra]
 
 
+def dump_logs(lab: Lab, tail: int = 40) -> None:
+    """The daemons' last log lines on stderr (for a failed test or benchmark run)."""
+    for i in lab.node_ids:
+        with contextlib.suppress(OSError):
+            lines = log_path(lab, i).read_text().splitlines()[-tail:]
+            sys.stderr.write(f"--- n{i}.log\n" + "\n".join(lines) + "\n")
+
+
 def start_daemon(lab: Lab, node_id: int, *, extra: Sequence[str] = (),
                  env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """Start node ``node_id``'s daemon in its namespace (log appended to ``n<i>.log``)."""

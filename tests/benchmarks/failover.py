@@ -243,10 +243,7 @@ def run_lbsync(tcp: int, udp: int, settle: float, profile: str) -> dict[str, Any
         case["curve"] = alive_curve(rep, t0)
         return case
     except BaseException:
-        for i in lab.node_ids:
-            with contextlib.suppress(OSError):
-                tail = daemons.log_path(lab, i).read_text().splitlines()[-20:]
-                print(f"--- n{i}.log\n" + "\n".join(tail), file=sys.stderr)
+        daemons.dump_logs(lab, tail=20)
         raise
     finally:
         if REPORTS:

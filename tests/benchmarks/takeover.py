@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import sys
@@ -189,10 +188,7 @@ def run_case(profile: str, n: int, *, preinject: bool = True) -> dict[str, Any]:
         case["survivor_fences"] = sum(fences)
         return case
     except BaseException:
-        for i in lab.node_ids:
-            with contextlib.suppress(OSError):
-                tail = daemons.log_path(lab, i).read_text().splitlines()[-20:]
-                print(f"--- n{i}.log\n" + "\n".join(tail), file=sys.stderr)
+        daemons.dump_logs(lab, tail=20)
         raise
     finally:
         lab.destroy()

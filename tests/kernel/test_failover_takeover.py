@@ -79,19 +79,11 @@ def daemon_lab(make: Callable[..., Lab], nodes: int = 3, *, buckets: int = BUCKE
         daemons.wait_ready(lab, timeout=DEADLINE)
         yield lab
     except BaseException:
-        dump_logs(lab)
+        daemons.dump_logs(lab)
         raise
     finally:
         lab.destroy()
         daemons.remove_runtime_files(lab.prefix)
-
-
-def dump_logs(lab: Lab, tail: int = 40) -> None:
-    """The daemons' last log lines on stderr (pytest shows them for a failed test)."""
-    for i in lab.node_ids:
-        with contextlib.suppress(OSError):
-            lines = daemons.log_path(lab, i).read_text().splitlines()[-tail:]
-            sys.stderr.write(f"--- n{i}.log\n" + "\n".join(lines) + "\n")
 
 
 def initial_map(lab: Lab) -> OwnerMap:

@@ -37,7 +37,6 @@ from tests.kernel.test_failover_takeover import (
     brief,
     check_survived,
     configure,
-    dump_logs,
     flow_counts,
     initial_map,
     owned_now,
@@ -68,7 +67,7 @@ def keepalived_lab(make: Callable[..., Lab], **membership: Any) -> Iterator[Lab]
         daemons.up(lab, keepalived=True, advert_int=ADVERT_INT, timeout=DEADLINE)
         yield lab
     except BaseException:
-        dump_logs(lab)
+        daemons.dump_logs(lab)
         for i in lab.node_ids:
             with contextlib.suppress(OSError):
                 log = (daemons.keepalived_dir(lab, i) / "keepalived.log").read_text()
