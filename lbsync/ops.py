@@ -95,8 +95,13 @@ def link_up(ifname: str) -> bool:
     return bool(flags & _IFF_UP) and bool(flags & _IFF_RUNNING)
 MAX_DRILL_HANG = 60.0
 # The drill's reset counters: RSTs this node forwards (flows it owns) and RSTs its own stack
-# sends. Separate table, so the lbsync ruleset is never touched; priority after filter.
-DRILL_RULES = f"""table inet {DRILL_TABLE} {{
+# sends on the cluster interfaces (a non-owner resetting a flow). Only the cluster interfaces:
+# the node's own TCP on the replication or management link (peer control, whose relay
+# connection to a failed node is reset) is no flow of the farm. Separate table, so the lbsync
+# ruleset is never touched; priority after filter.
+def drill_rules(outside: str, inside: str) -> str:
+    ifs = f'{{ "{inside}", "{outside}" }}'
+    return f"""table inet {DRILL_TABLE} {{
     counter forwarded_rst {{ }}
     counter local_rst {{ }}
     chain forward {{
@@ -105,10 +110,11 @@ DRILL_RULES = f"""table inet {DRILL_TABLE} {{
     }}
     chain output {{
         type filter hook output priority 10; policy accept;
-        tcp flags & rst == rst counter name local_rst
+        oifname {ifs} tcp flags & rst == rst counter name local_rst
     }}
 }}
 """
+
 
 Handler = Callable[[Mapping[str, Any]], Awaitable[Any]]
 
@@ -745,7 +751,9 @@ class Ops:
         action = args.get("action")
         if action == "install":
             await asyncio.to_thread(_nft_quiet, ["delete", "table", "inet", DRILL_TABLE])
-            await asyncio.to_thread(run_nft, ["-f", "-"], input=DRILL_RULES)
+            ifs = self.node.cfg.interfaces
+            await asyncio.to_thread(run_nft, ["-f", "-"],
+                                    input=drill_rules(ifs.outside, ifs.inside))
             return {"installed": True}
         if action == "read":
             return await asyncio.to_thread(read_drill_counters)
