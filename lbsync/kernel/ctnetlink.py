@@ -19,10 +19,16 @@ Rules:
   transaction support, so each message is processed (and may fail) on its own; without
   ``NLM_F_ACK`` only failures are answered, each ``NLMSG_ERROR`` carrying the failing ``seq``.
   The last message of a batch asks for an ACK so the reader knows the batch is complete.
+- Accelerator: when the optional C extension :mod:`lbsync._ctfast` is importable (and
+  ``LBSYNC_NO_ACCEL=1`` is not set), it decodes the conntrack messages it knows completely and
+  encodes the fast-path creates, byte for byte as the Python code here; every message or record
+  it declines takes the Python code, so errors and surprises behave the same (``CODEC`` says
+  which is active; docs/kernel.md).
 """
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -227,6 +233,22 @@ class CtEvent(NamedTuple):
 
 
 _new_tuple = tuple.__new__
+
+_ctfast: Any = None
+if os.environ.get("LBSYNC_NO_ACCEL", "") in ("", "0"):
+    try:
+        from lbsync import _ctfast
+    except ImportError:  # not built (pure-Python install): the Python codec does everything
+        _ctfast = None
+if _ctfast is not None:
+    _ctfast.set_event_type(CtEvent)
+#: "c" when the C accelerator decodes and encodes the hot paths, else "python"
+CODEC = "c" if _ctfast is not None else "python"
+# the C entry points, or None (tests swap them for same-run comparisons)
+_c_decode_ct: Callable[[bytes, int, bool, list[CtEvent]], int] | None = (
+    None if _ctfast is None else _ctfast.decode_ct)
+_c_create: Callable[[bytes, int, int, int], bytes | None] | None = (
+    None if _ctfast is None else _ctfast.create)
 
 
 @dataclass(frozen=True, slots=True)
@@ -672,13 +694,21 @@ def decode(buf: bytes, out: Decoded | None = None, *, dump: bool = False) -> Dec
     """
     if out is None:
         out = Decoded([], [], [])
-    append = out.events.append
+    events = out.events
+    append = events.append
     decode_ct = _decode_ct
+    c_decode = _c_decode_ct
     pos = 0
     n = len(buf)
     hdr = _NLMSG.unpack_from
     try:
         while pos < n:
+            if c_decode is not None:
+                # the C decoder takes every conntrack message it decodes completely and stops
+                # at the first other one, which the code below handles (and raises for)
+                pos = c_decode(buf, pos, dump, events)
+                if pos >= n:
+                    break
             if n - pos < 16:
                 raise CodecError("truncated netlink header")
             mlen, mtype, mflags, _seq, portid = hdr(buf, pos)
@@ -970,6 +1000,10 @@ def encode_create(record: bytes, seq: int, *, ack: bool = False,
                   default_timeout: int = 120) -> bytes:
     """One IPCTNL_MSG_CT_NEW (create, fail with EEXIST if present) for a packed record."""
     flags = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL | (NLM_F_ACK if ack else 0)
+    if _c_create is not None:
+        msg = _c_create(record, seq, flags, default_timeout)
+        if msg is not None:
+            return msg
     try:
         f = unpack_fields(record)
         msg = _create_fast(f, seq, flags, default_timeout)
@@ -987,6 +1021,12 @@ def encode_create(record: bytes, seq: int, *, ack: bool = False,
 def encode_create_batch(records: Sequence[bytes], seq_start: int, *, ack_last: bool = True,
                         default_timeout: int = 120) -> bytes:
     """Creates for ``records`` with seq ``seq_start + i``; the last asks for an ACK."""
+    if _c_create is not None and _ctfast is not None:
+        def fallback(record: bytes, seq: int, ack: bool) -> bytes:
+            return encode_create(record, seq, ack=ack, default_timeout=default_timeout)
+        out: bytes = _ctfast.create_batch(records, seq_start, ack_last, default_timeout,
+                                          fallback)
+        return out
     last = len(records) - 1
     return b"".join(encode_create(r, seq_start + i, ack=ack_last and i == last,
                                   default_timeout=default_timeout)
