@@ -44,7 +44,7 @@ import msgpack
 from hashing.ownermap import ALGORITHM_VERSION, NO_OWNER, Member, OwnerMap, View, assign
 from lbsync.config import ClusterConfig, NodeConfig
 from lbsync.kernel.conntrack import Conntrack
-from lbsync.kernel.ctnetlink import KIND_DESTROY, CtEvent
+from lbsync.kernel.ctnetlink import KIND_DESTROY, CtEvent, _c_standby_check
 from lbsync.kernel.flowrecord import (
     IPPROTO_TCP,
     IPS_SEEN_REPLY,
@@ -953,6 +953,10 @@ def _standby_check(key: bytes, record: bytes) -> int:
     """:func:`_injectable` and :func:`_unanswered` with one unpack: _NOT_ESTABLISHED (never
     injected now), _UNANSWERED (injectable, but a non-TCP record not yet answered) or
     _INJECTABLE."""
+    if _c_standby_check is not None:  # the C accelerator: the same verdict, or None (undecided)
+        verdict = _c_standby_check(key, record)
+        if verdict is not None:
+            return verdict
     try:
         f = unpack_fields(record)
     except RecordError:

@@ -249,6 +249,9 @@ _c_decode_ct: Callable[[bytes, int, bool, list[CtEvent]], int] | None = (
     None if _ctfast is None else _ctfast.decode_ct)
 _c_create: Callable[[bytes, int, int, int], bytes | None] | None = (
     None if _ctfast is None else _ctfast.create)
+# lbsync.node._standby_check's verdict on a packed record, or None (left to the Python code)
+_c_standby_check: Callable[[bytes, bytes], int | None] | None = (
+    None if _ctfast is None else _ctfast.standby_check)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1010,12 +1013,13 @@ def encode_create(record: bytes, seq: int, *, ack: bool = False,
         if msg is not None:
             return msg
         family, body = _create_body(f, default_timeout)
-    except (IndexError, TypeError, ValueError, AttributeError, OverflowError,
-            struct.error) as e:
+        # inside the try: a family that is not a small integer (a peer's bad record) fails here
+        return _nfmsg(CT_NEW, flags, seq, family, body)
+    except (LookupError, TypeError, ValueError, AttributeError, OverflowError,
+            struct.error) as e:  # LookupError: an empty map ({}) where a list belongs
         if isinstance(e, RecordError):
             raise
         raise RecordError(f"record cannot be encoded: {e}") from None
-    return _nfmsg(CT_NEW, flags, seq, family, body)
 
 
 def encode_create_batch(records: Sequence[bytes], seq_start: int, *, ack_last: bool = True,
