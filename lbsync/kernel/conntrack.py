@@ -45,6 +45,7 @@ from lbsync.kernel.ctnetlink import (
     _NLMSG,
     _U16BE,
     _U32BE,
+    CODEC,
     CT_NEW,
     KIND_DESTROY,
     KIND_NEW,
@@ -681,10 +682,12 @@ class ConntrackEvents:
 
 @dataclass(frozen=True, slots=True)
 class ConntrackStatistics:
-    """Event reader and request socket snapshots together."""
+    """Event reader and request socket snapshots together, and which codec runs the hot paths
+    ("c": the lbsync._ctfast accelerator, "python": without it; docs/kernel.md)."""
 
     events: EventStatistics
     requests: RequestStatistics
+    codec: str = CODEC
 
 
 class Conntrack:

@@ -49,7 +49,14 @@ needs_c = pytest.mark.skipif(C._ctfast is None, reason="C accelerator disabled")
 
 def test_extension_is_importable_and_active() -> None:
     """Without LBSYNC_NO_ACCEL the C codec must be there: a build that silently fell back to
-    Python would pass every other test here and lose the speed."""
+    Python would pass every other test here and lose the speed. Statistics say which runs
+    (``lbsync status --json``: kernel.codec)."""
+    import dataclasses
+
+    from lbsync.kernel.conntrack import ConntrackStatistics
+
+    codec = {f.name: f.default for f in dataclasses.fields(ConntrackStatistics)}["codec"]
+    assert codec == C.CODEC == ("python" if NO_ACCEL else "c")
     if NO_ACCEL:
         assert C.CODEC == "python" and C._c_decode_ct is None
         return
