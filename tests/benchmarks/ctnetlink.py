@@ -282,6 +282,55 @@ def bench_offline(bufs: list[bytes], min_cpu: float) -> None:
     FIGURES["offline_decode_events_per_s"]["events_decoded"] = count
     FIGURES["offline_decode_events_per_s"]["representation"] = (
         "CtEvent(kind,key,bucket,l4proto,tcp_state,status,record=packed msgpack,portid)")
+    FIGURES["offline_decode_events_per_s"]["codec"] = C.CODEC
+    bench_codecs(bufs, min_cpu)
+
+
+def _interleaved(work: Callable[[], int], min_cpu: float) -> tuple[float, float]:
+    """Items/s of ``work`` with the C codec and with the Python codec (the C entry points
+    swapped out), in alternating rounds so both see the same machine."""
+    saved = C._c_decode_ct, C._c_create
+    done = [0, 0]
+    spent = [0.0, 0.0]
+    try:
+        while min(spent) < min_cpu:
+            for side in (0, 1):
+                C._c_decode_ct, C._c_create = saved if side == 0 else (None, None)
+                t0 = cpu_now()
+                done[side] += work()
+                spent[side] += cpu_now() - t0
+    finally:
+        C._c_decode_ct, C._c_create = saved
+    return done[0] / spent[0], done[1] / spent[1]
+
+
+def bench_codecs(bufs: list[bytes], min_cpu: float) -> None:
+    """The C accelerator vs the Python codec, same bytes, same run: event decode and the
+    standby create encode (issue 6's per-event interpreter cost)."""
+    if C._ctfast is None:
+        print("# C accelerator not active (LBSYNC_NO_ACCEL or not built): no C vs Python figures",
+              flush=True)
+        return
+    chunk = bufs[:5000]
+    decode = C.decode
+
+    def dec() -> int:
+        return sum(len(decode(b).events) for b in chunk)
+
+    c_rate, py_rate = _interleaved(dec, min_cpu)
+    figure("offline_decode_c_events_per_s", c_rate, "events/s", baseline="python codec",
+           base_value=py_rate)
+    records = synthetic_records(5000)
+    encode = C.encode_create
+
+    def enc() -> int:
+        for i, r in enumerate(records):
+            encode(r, i + 1)
+        return len(records)
+
+    c_rate, py_rate = _interleaved(enc, min_cpu)
+    figure("offline_create_c_per_s", c_rate, "creates/s", baseline="python codec",
+           base_value=py_rate)
 
 
 async def read_stream(ns: str, n: int, rounds: int, pace: float) -> tuple[float, int, int]:
