@@ -29,7 +29,7 @@ from types import MappingProxyType
 from lbsync.replication.auth import KeyRing
 from lbsync.replication.events import Event
 from lbsync.replication.params import ProtocolParams
-from lbsync.replication.receiver import Receiver, ReceiverStatistics
+from lbsync.replication.receiver import Receiver, ReceiverStatistics, block_ranges
 from lbsync.replication.sender import Sender, SenderStatistics
 from lbsync.replication.store import EXPECTATION, FLOW, BucketStore, Outcome, StoreStatistics
 from lbsync.replication.wire import (
@@ -40,6 +40,7 @@ from lbsync.replication.wire import (
     Membership,
     Nack,
     RemoteProtocolError,
+    RepairState,
     ResyncRequest,
     parse_header,
 )
@@ -76,6 +77,8 @@ class ReplicationEndpoint:
                              params=params, store=self.store, now=now)
         self.receiver = Receiver(node_id=node_id, params=params, store=self.store,
                                  rng=self._rng, now=now)
+        # Our missing gaps ride on the CONTROL datagrams we send anyway.
+        self.sender.piggyback = self.receiver.repair_state
         self._events: deque[Event] = deque()
         self._rejected: Counter[str] = Counter()
         self.datagrams_received = 0
@@ -153,6 +156,8 @@ class ReplicationEndpoint:
         for m in self.receiver.datagram(h, data[HEADER_LEN:-MAC_LEN], now, data):
             if isinstance(m, Nack):
                 self.sender.on_nack(m.incarnation, m.ranges, now)
+            elif isinstance(m, RepairState):
+                self.sender.on_repair_state(m.incarnation, block_ranges(m.blocks), now)
             elif isinstance(m, ResyncRequest):
                 self.sender.on_resync_request(h.sender, m.token, m.buckets, now)
 
@@ -181,7 +186,7 @@ class ReplicationEndpoint:
             for m in r.control:
                 self.sender.queue_control(m)
             r.control = []
-        self.sender.flush_control()
+        self.sender.flush_control(now)
         if r.events:
             self._events.extend(r.events)
             r.events = []

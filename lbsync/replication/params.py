@@ -38,11 +38,13 @@ class ProtocolParams:
     # A NACK naming n datagrams of a repair block is answered with n parities (at least as
     # many as receivers lately missed of a block) plus max(parity_min_extra,
     # ceil(n * parity_extra)) more, since each parity is lost like any datagram, and
-    # ``parity_insurance`` more, unasked, ``parity_insurance_delay`` after each burst: a
-    # receiver the burst left short is served even if its next NACK is lost.
-    parity_extra: float = 0.375
+    # ``parity_insurance`` more, unasked, ``parity_insurance_delay`` after each burst. Since
+    # the later rounds ride on heartbeats (no NACK datagram), a receiver left short asks again
+    # cheaply: less redundancy (0.375 before) and no insurance parity (1 before) lower the
+    # repair overhead at 20 % loss by ~0.1 (docs/benchmarks.md).
+    parity_extra: float = 0.25
     parity_min_extra: int = 1
-    parity_insurance: int = 1
+    parity_insurance: int = 0
     parity_insurance_delay: float = 0.010
     # A gap in a repair block not yet sent in full is asked for this late at the latest (the
     # rest of the block usually arrives first, and one NACK then covers the whole block).
@@ -50,6 +52,13 @@ class ProtocolParams:
     # Hearing another receiver's NACK (or a parity) for a block, wait this long, plus the
     # need-ordered delay, for its burst before asking ourselves.
     repair_wait: float = 0.003
+    # Explicit NACK datagrams a receiver sends per repair block, at most, and only while it has
+    # heard no other request (NACK, repair state, parity) for the block; later rounds ride on
+    # the CONTROL datagrams the node sends anyway (heartbeats, tail probes) as a
+    # ``RepairState``, at most once per ``nack_retry`` per gap. Only when no such datagram
+    # left for ``nack_fallback`` (a node without heartbeats) does a NACK datagram ask again.
+    nack_explicit: int = 1
+    nack_fallback: float = 0.150
     resync_rate: float = 200_000.0  # records per second, at most, in resync answers
     resync_burst: int = 512
     resync_timeout: float = 1.0

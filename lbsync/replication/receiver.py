@@ -11,11 +11,17 @@ Rules, per sender (a peer is identified by its node id and incarnation):
 - Gaps are repaired per repair block of 16 seqs (``fec.py``) by parities, any of which
   rebuilds any one missing datagram of the block, and NACKed per block: a block known in full
   after a delay that shrinks with what we miss of it (the receiver missing most asks first),
-  a block still filling after ``nack_block_wait`` at most; a NACK names every gap of its
+  a block still filling after ``nack_block_wait`` at most; a request names every gap of its
   blocks. A node sends at most one NACK datagram per ``nack_interval``, carrying every block
-  (of every sender) due before its next slot. Hearing another receiver's NACK for a block, or
-  a parity of it, defers ours by ``repair_wait`` plus the ordered delay (its burst serves us
-  too). Retries back off exponentially up to ``nack_retry_max``. Rebuilt datagrams go back
+  (of every sender) due before its next slot. Hearing another receiver's request for a block
+  (NACK or repair state), or a parity of it, defers ours by ``repair_wait`` plus the ordered
+  delay (its burst serves us too).
+- Explicit NACK datagrams only for the first ``nack_explicit`` round(s) of a block, and only
+  while no other request for it was heard; after that the node's missing gaps ride on the
+  CONTROL datagrams its sender sends anyway (heartbeats, tail probes) as ``RepairState``
+  messages (:meth:`Receiver.repair_state`), each gap at most once per ``nack_retry``. A gap
+  no such datagram carried for ``nack_fallback`` is NACKed again explicitly (a node that
+  sends no heartbeats; counted as ``nack_fallbacks``). Rebuilt datagrams go back
   through the endpoint's whole acceptance path (their own MAC). ``Gone`` skips the gap (the sender
   resyncs the affected buckets). A signed but malformed DATA datagram is skipped the same way
   and a full resync from its sender is requested.
@@ -67,13 +73,32 @@ from lbsync.replication.wire import (
     Parity,
     RecordMessage,
     RemoteProtocolError,
+    RepairState,
     ResyncBegin,
     ResyncDone,
     ResyncEnd,
     ResyncRequest,
     decode_body,
+    encode_message,
     unwrap,
 )
+
+
+def block_ranges(blocks: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(first wire seq, count) runs of the seqs a ``RepairState``'s block masks name."""
+    out: list[tuple[int, int]] = []
+    for first, mask in blocks:
+        i = 0
+        while mask >> i:
+            if mask >> i & 1:
+                j = i
+                while mask >> j & 1:
+                    j += 1
+                out.append(((first + i) & U32, j - i))
+                i = j
+            else:
+                i += 1
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,20 +127,28 @@ class ReceiverStatistics:
     digests_disagreed: int
     silent_peers: int
     buckets_disagreeing: tuple[int, ...]  # last digest comparison failed (until repaired)
+    repair_states_sent: int = 0  # RepairState messages piggybacked on outgoing datagrams
+    repair_state_seqs: int = 0  # gaps they named
+    repair_states_heard: int = 0  # other receivers' RepairState messages (suppression)
+    nack_fallbacks: int = 0  # NACK datagrams because no datagram carried a repair state
 
 
 class _Gap:
-    __slots__ = ("attempts", "due")
+    __slots__ = ("attempts", "carried", "due", "quiet")
 
     def __init__(self, due: float) -> None:
-        self.due = due
+        self.due = due  # next explicit NACK (carried: the fallback one)
         self.attempts = 0
+        # No repair state names it before this: it was just asked for (by us or by another
+        # receiver) and the burst may be on its way.
+        self.quiet = -1e300
+        self.carried = False  # asked for in repair states from now on
 
 
 class _Peer:
-    __slots__ = ("buffer", "ctl", "end", "incarnation", "last_heard", "missing", "next",
-                 "node", "parities", "raw", "raw_floor", "restarted", "silent", "synced",
-                 "tracked", "whole")
+    __slots__ = ("buffer", "ctl", "end", "explicit", "heard", "incarnation", "last_heard",
+                 "missing", "next", "node", "parities", "raw", "raw_floor", "restarted",
+                 "silent", "synced", "tracked", "whole")
 
     def __init__(self, node: int, incarnation: int, now: float, window: int) -> None:
         self.node = node
@@ -133,6 +166,11 @@ class _Peer:
         self.raw: dict[int, bytes] = {}
         self.raw_floor = FIRST_SEQ
         self.parities: dict[int, list[tuple[int, int, bytes]]] = {}
+        # Per open repair block (first seq): explicit NACK datagrams we sent for it, and the
+        # blocks another receiver's request (or a parity) was heard for. Both dropped with the
+        # block, so bounded by the reorder window.
+        self.explicit: dict[int, int] = {}
+        self.heard: set[int] = set()
         self.ctl = ReplayWindow(window)
         self.last_heard = now
         self.silent = False
@@ -185,6 +223,10 @@ class Receiver:
         self.nack_messages = 0
         self.nacked_seqs = 0
         self.nacks_suppressed = 0
+        self.repair_states_sent = 0
+        self.repair_state_seqs = 0
+        self.repair_states_heard = 0
+        self.nack_fallbacks = 0
         self.parities_received = 0
         self.datagrams_rebuilt = 0
         self.gone_seqs = 0
@@ -348,6 +390,10 @@ class Receiver:
         else:
             peer.raw = {s: d for s, d in peer.raw.items() if s >= floor}
             peer.parities = {s: p for s, p in peer.parities.items() if s >= floor}
+        if peer.explicit:
+            peer.explicit = {s: n for s, n in peer.explicit.items() if s >= floor}
+        if peer.heard:
+            peer.heard = {s for s in peer.heard if s >= floor}
         peer.raw_floor = floor
 
     # -- parities ------------------------------------------------------------------------
@@ -367,15 +413,19 @@ class Receiver:
             return
         held.append((m.row, m.count, m.payload))
         if not self._rebuild(peer, first):
+            peer.heard.add(first)
             # A repair of this block is under way (asked by us or by another receiver): let
             # the rest of its burst arrive before asking again.
             wait = now + self._p.repair_wait + self._ordered(peer, first)
             missing = peer.missing
             for s in range(first, first + fec.BLOCK):
                 gap = missing.get(s)
-                if gap is not None and gap.due < wait:
-                    gap.due = wait
-                    self._gaps_dirty = True
+                if gap is not None:
+                    if gap.quiet < wait:
+                        gap.quiet = wait
+                    if gap.due < wait:
+                        gap.due = wait
+                        self._gaps_dirty = True
 
     def _ordered(self, peer: _Peer, first: int) -> float:
         """Delay before asking for a block: the more we miss of it, the sooner, so that the
@@ -492,7 +542,13 @@ class Receiver:
                 if m.target == self.node_id:
                     mine.append(m)
                 else:
-                    self._overheard_nack(m, now)
+                    self._overheard(m.target, m.incarnation, m.ranges, now)
+            elif isinstance(m, RepairState):
+                if m.target == self.node_id:
+                    mine.append(m)
+                else:
+                    self.repair_states_heard += 1
+                    self._overheard(m.target, m.incarnation, block_ranges(m.blocks), now)
             elif isinstance(m, Parity):
                 self._parity(peer, m, now)
             elif isinstance(m, Gone):
@@ -513,20 +569,22 @@ class Receiver:
             peer.end = last + 1
         self._deliver(peer, now)
 
-    def _overheard_nack(self, m: Nack, now: float) -> None:
-        """Another receiver's NACK for ``m.target``: its sender answers each repair block named
-        with a burst of parities, which rebuild ours of that block too (any parity serves any
-        receiver). So our own NACK for such a block waits for that burst: ``repair_wait`` plus
-        the need-ordered delay. If the burst leaves us short, or never comes (the NACK was lost
-        on its way to the sender), we ask then, before those who miss less."""
-        peer = self._peers.get(m.target)
-        if peer is None or peer.incarnation != m.incarnation or not peer.missing:
+    def _overheard(self, target: int, incarnation: int, ranges: Iterable[tuple[int, int]],
+                   now: float) -> None:
+        """Another receiver's request (NACK or repair state) for ``target``: its sender answers
+        each repair block named with a burst of parities, which rebuild ours of that block too
+        (any parity serves any receiver). So our own request for such a block waits for that
+        burst: ``repair_wait`` plus the need-ordered delay. If the burst leaves us short, or
+        never comes (the request was lost on its way to the sender), we ask then, before those
+        who miss less, in a repair state (the block was asked for: no NACK datagram)."""
+        peer = self._peers.get(target)
+        if peer is None or peer.incarnation != incarnation or not peer.missing:
             return
         block = fec.BLOCK
         low = peer.next - (peer.next - FIRST_SEQ) % block
         high = peer.next + self._p.reorder_datagrams
         firsts: set[int] = set()
-        for wire_start, count in m.ranges:
+        for wire_start, count in ranges:
             origin = unwrap(wire_start, peer.next)
             start = max(origin, low)
             stop = min(origin + count, high)
@@ -537,10 +595,13 @@ class Receiver:
             mine = [missing[s] for s in range(first, first + block) if s in missing]
             if not mine:
                 continue
+            peer.heard.add(first)
             wait = now + self._p.repair_wait + self._ordered(peer, first)
             for gap in mine:
                 if gap.due < wait:
                     gap.due = wait
+                if gap.quiet < wait:
+                    gap.quiet = wait
                 self.nacks_suppressed += 1
             self._gaps_dirty = True
 
@@ -580,19 +641,47 @@ class Receiver:
         return base * self._rng.uniform(1.0, 1.5)
 
     def _nack(self, peer: _Peer, now: float, horizon: float) -> None:
+        """Explicit NACKs for the blocks with a gap due before ``horizon``: a block not yet
+        NACKed ``nack_explicit`` times by us and not asked for by anyone else we heard; the
+        others' gaps turn to repair states (and a NACK only if none carried them for
+        ``nack_fallback``)."""
+        p = self._p
         missing = peer.missing
-        due = sorted(s for s, g in missing.items() if g.due <= horizon)
-        if due:
-            # Every gap of a repair block with a gap due: the sender sizes its parity burst by
-            # the number of datagrams named in the block.
-            block = fec.BLOCK
-            firsts = {s - (s - FIRST_SEQ) % block for s in due}
-            due = sorted(s for s in missing if s - (s - FIRST_SEQ) % block in firsts)
+        block = fec.BLOCK
+        firsts = sorted({s - (s - FIRST_SEQ) % block for s, g in missing.items()
+                         if g.due <= horizon})
+        named: list[int] = []
+        for first in firsts:
+            seqs = [s for s in range(first, first + block) if s in missing]
+            gaps = [missing[s] for s in seqs]
+            rounds = peer.explicit.get(first, 0)
+            if rounds < p.nack_explicit and first not in peer.heard:
+                rounds += 1
+                peer.explicit[first] = rounds
+                last = rounds >= p.nack_explicit
+            elif any(g.carried and g.due <= now for g in gaps):
+                self.nack_fallbacks += 1  # no repair state left for nack_fallback
+                last = True
+            else:
+                for g in gaps:
+                    if g.due <= now and not g.carried:
+                        g.carried = True
+                        g.due = now + p.nack_fallback
+                continue
+            # Every gap of the block: the sender sizes its parity burst by the number named.
+            named.extend(seqs)
+            for g in gaps:
+                g.attempts += 1
+                g.quiet = now + p.nack_retry
+                if last:
+                    g.carried = True
+                    g.due = now + p.nack_fallback
+                else:
+                    g.due = now + self._retry(g.attempts)
+        if not named:
+            return
         ranges: list[tuple[int, int]] = []
-        for s in due:
-            gap = peer.missing[s]
-            gap.attempts += 1
-            gap.due = now + self._retry(gap.attempts)
+        for s in named:
             if ranges and ranges[-1][0] + ranges[-1][1] == s:
                 ranges[-1] = (ranges[-1][0], ranges[-1][1] + 1)
             else:
@@ -602,7 +691,48 @@ class Receiver:
             chunk = tuple((s & U32, c) for s, c in ranges[i:i + limit])
             self.control.append(Nack(peer.node, peer.incarnation, chunk))
             self.nack_messages += 1
-        self.nacked_seqs += len(due)
+        self.nacked_seqs += len(named)
+
+    def repair_state(self, now: float, room: int) -> list[bytes]:
+        """``RepairState`` messages (encoded, at most ``room`` bytes in all) for a CONTROL
+        datagram our sender is sending anyway: per peer, every gap of each repair block with a
+        gap that is due, or asked for before and still missing, unless asked for within
+        ``nack_retry`` (by us or by a receiver we heard). The gaps named count as asked now."""
+        p = self._p
+        block = fec.BLOCK
+        out: list[bytes] = []
+        for peer in self._peers.values():
+            missing = peer.missing
+            if not missing or room < 16:
+                continue
+            firsts = sorted({s - (s - FIRST_SEQ) % block for s, g in missing.items()
+                             if (g.carried or g.due <= now) and g.quiet <= now})
+            if not firsts:
+                continue
+            # Worst case per block: 5 bytes of seq and 3 of mask; 12 for the message's frame.
+            firsts = firsts[:min(self._limits.max_ranges, (room - 12) // 8)]
+            if not firsts:
+                continue
+            blocks: list[tuple[int, int]] = []
+            quiet, fallback = now + p.nack_retry, now + p.nack_fallback
+            for first in firsts:
+                mask = 0
+                for s in range(first, first + block):
+                    g = missing.get(s)
+                    if g is not None:
+                        mask |= 1 << (s - first)
+                        g.quiet = quiet
+                        g.carried = True
+                        if g.due < fallback:
+                            g.due = fallback
+                            self._gaps_dirty = True
+                        self.repair_state_seqs += 1
+                blocks.append((first & U32, mask))
+            part = encode_message(RepairState(peer.node, peer.incarnation, tuple(blocks)))
+            out.append(part)
+            room -= len(part)
+            self.repair_states_sent += 1
+        return out
 
     def get_timer(self) -> float | None:
         t: float | None = None
@@ -632,14 +762,15 @@ class Receiver:
         anything_due = now >= self._nack_slot and any(
             g.due <= now for p in self._peers.values() for g in p.missing.values())
         horizon = now + self._p.nack_interval
-        if anything_due:
-            self._nack_slot = horizon
+        sent = self.nack_messages
         for peer in self._peers.values():
             if anything_due and peer.missing:
                 self._nack(peer, now, horizon)
             if not peer.silent and now >= peer.last_heard + self._p.silent_after:
                 peer.silent = True
                 self.events.append(SenderSilent(peer.node, peer.last_heard))
+        if self.nack_messages != sent:
+            self._nack_slot = horizon
         for r in self._requests:
             if r.due <= now:
                 self.control.append(ResyncRequest(r.target, r.token, r.buckets))
@@ -671,4 +802,6 @@ class Receiver:
             self.gone_seqs, self.resync_requests,
             self.resyncs_completed, self.digests_agreed, self.digests_disagreed,
             sum(1 for p in peers if p.silent),
-            tuple(sorted(b for b, ok in self.digest_state.items() if not ok)))
+            tuple(sorted(b for b, ok in self.digest_state.items() if not ok)),
+            self.repair_states_sent, self.repair_state_seqs, self.repair_states_heard,
+            self.nack_fallbacks)

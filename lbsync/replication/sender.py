@@ -16,6 +16,10 @@ Rules:
   the store at emission time, end marker with the digest), paced by a token bucket of
   ``resync_rate`` records/s and always appended after the live messages already queued, so
   they never starve live traffic.
+- A ``RepairState`` (a receiver's missing gaps, piggybacked) is answered exactly like a NACK
+  of the seqs it names. Our own node's repair state (:attr:`Sender.piggyback`, the
+  receiver's) rides on every CONTROL datagram we seal that carries no NACK, in the room it
+  leaves: heartbeats, tail probes, parities, ``Gone``; never a datagram of its own.
 - Tail loss: ``idle`` after the last DATA datagram a CONTROL datagram with a ``HighWater``
   (last sequence number) is sent, then again after 2x, 4x... up to ``idle_max``. Every CONTROL
   datagram starts with one, so NACKs and heartbeats also reveal a lost tail.
@@ -26,7 +30,7 @@ Rules:
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import msgpack
@@ -43,6 +47,7 @@ from lbsync.replication.wire import (
     K_EXPECT_UPDATE,
     K_FLOW_DELETE,
     K_FLOW_UPDATE,
+    K_NACK,
     MAGIC,
     OVERHEAD,
     TYPE_CONTROL,
@@ -99,6 +104,9 @@ class SenderStatistics:
     resync_buckets: int
     resync_records: int
     stale_local: int
+    repair_states_received: int = 0  # peers' piggybacked repair states addressed to us
+    piggybacked: int = 0  # CONTROL datagrams that carried our repair state
+    piggyback_bytes: int = 0  # the bytes of those repair states
 
 
 class _Block:
@@ -192,6 +200,12 @@ class Sender:
         self.resync_buckets = 0
         self.resync_records = 0
         self.stale_local = 0
+        self.repair_states_received = 0
+        self.piggybacked = 0
+        self.piggyback_bytes = 0
+        # (now, room) -> encoded RepairState messages for a CONTROL datagram being sealed (the
+        # endpoint's receiver); None: nothing piggybacked.
+        self.piggyback: Callable[[float, int], list[bytes]] | None = None
 
     # -- ownership ---------------------------------------------------------------------------
 
@@ -322,11 +336,22 @@ class Sender:
 
     # -- NACKs and resync requests -----------------------------------------------------------
 
-    def on_nack(self, incarnation: int, ranges: tuple[tuple[int, int], ...],
+    def on_repair_state(self, incarnation: int, ranges: Iterable[tuple[int, int]],
+                        now: float) -> None:
+        """A peer's piggybacked repair state addressed to us (``ranges``: the seqs its block
+        masks name): answered as a NACK of them."""
+        self.repair_states_received += 1
+        self._answer(incarnation, ranges, now)
+
+    def on_nack(self, incarnation: int, ranges: Iterable[tuple[int, int]],
                 now: float) -> None:
         """Answer a NACK addressed to this node: parities of the repair blocks it names, plain
         retransmissions where a block left the history partly, ``Gone`` below the history."""
         self.nacks_received += 1
+        self._answer(incarnation, ranges, now)
+
+    def _answer(self, incarnation: int, ranges: Iterable[tuple[int, int]],
+                now: float) -> None:
         if incarnation != self.incarnation:
             return  # for our previous life: its receivers resync on our new incarnation
         gone: list[tuple[int, int]] = []
@@ -390,7 +415,7 @@ class Sender:
         if want <= recent:
             self.retransmit_held += 1
             return True
-        sent = self._send_parities(first, block, want - recent)
+        sent = self._send_parities(first, block, want - recent, now)
         if not sent:
             return False
         if recent == 0:
@@ -401,7 +426,7 @@ class Sender:
         block.burst_count = count
         return True
 
-    def _send_parities(self, first: int, block: _Block, k: int) -> int:
+    def _send_parities(self, first: int, block: _Block, k: int, now: float) -> int:
         """Up to ``k`` parities of the block with fresh rows, each in its own CONTROL
         datagram; the number sent."""
         k = min(k, fec.MAX_ROWS - block.row)
@@ -412,7 +437,7 @@ class Sender:
         hwm = encode_message(HighWater((self._seq - 1) & U32))
         for row in range(block.row, block.row + k):
             part = encode_message(Parity(first & U32, count, row, fec.encode(row, datagrams)))
-            self._seal_control([hwm, part])
+            self._seal_control([hwm, part], now)
         block.row += k
         self.parities_sent += k
         self.retransmitted += k
@@ -500,7 +525,7 @@ class Sender:
     def queue_control(self, message: Message) -> None:
         self._ctl_parts.append(encode_message(message))
 
-    def flush_control(self) -> None:
+    def flush_control(self, now: float) -> None:
         """Seal queued control messages into CONTROL datagrams, each led by a HighWater."""
         if not self._ctl_parts:
             return
@@ -511,13 +536,22 @@ class Sender:
         size = len(hwm)
         for part in parts:
             if size + len(part) > self._ctl_budget and len(batch) > 1:
-                self._seal_control(batch)
+                self._seal_control(batch, now)
                 batch, size = [hwm], len(hwm)
             batch.append(part)
             size += len(part)
-        self._seal_control(batch)
+        self._seal_control(batch, now)
 
-    def _seal_control(self, parts: list[bytes]) -> None:
+    def _seal_control(self, parts: list[bytes], now: float) -> None:
+        if self.piggyback is not None and not any(p[1] == K_NACK for p in parts):
+            # Every message encodes as a fixarray: byte 1 is its kind. A NACK datagram carries
+            # no repair state (what it names counts as NACKed; its own NACKs say enough).
+            room = self._ctl_budget - sum(len(p) for p in parts)
+            extra = self.piggyback(now, room)
+            if extra:
+                parts = parts + extra
+                self.piggybacked += 1
+                self.piggyback_bytes += sum(len(p) for p in extra)
         seq = self._ctl_seq
         self._ctl_seq += 1
         header = HEADER.pack(MAGIC, VERSION, TYPE_CONTROL, self.node_id, self._keyring.current,
@@ -535,7 +569,7 @@ class Sender:
             _t, first = self._insure.popleft()
             block = self._blocks.get(first)
             if block is not None:  # still wholly in the history
-                self._send_parities(first, block, self._p.parity_insurance)
+                self._send_parities(first, block, self._p.parity_insurance, now)
 
     def get_timer(self) -> float | None:
         t = self._hwm_at
@@ -559,7 +593,7 @@ class Sender:
         if self._flush_at is not None and now >= self._flush_at:
             self._seal(now)
         if now >= self._hwm_at:
-            self._seal_control([encode_message(HighWater((self._seq - 1) & U32))])
+            self._seal_control([encode_message(HighWater((self._seq - 1) & U32))], now)
             self.high_water_sent += 1
             self._hwm_interval = min(self._hwm_interval * 2, self._p.idle_max)
             self._hwm_at = now + self._hwm_interval
@@ -584,5 +618,6 @@ class Sender:
             self.control_sent, self.high_water_sent, self.nacks_received, self.retransmitted,
             self.retransmit_held, self.parities_sent, self.gone_answered, len(self._history),
             self._history_size, self.history_evicted, len(self._jobs), self.resync_buckets,
-            self.resync_records, self.stale_local)
+            self.resync_records, self.stale_local, self.repair_states_received,
+            self.piggybacked, self.piggyback_bytes)
 

@@ -11,10 +11,17 @@ before), NACK datagrams, which receivers missed each original datagram, and how 
 datagrams named each missed one. In ``unicast`` mode a datagram is sent once per peer, the
 copies leaving one after the other; the books count logical datagrams (one per send, whatever
 the fan-out) and ``wire_datagrams``. Loss is independent per copy in both modes.
+
+With ``heartbeat`` set, every node also sends the farm's membership heartbeat (an opaque
+``Membership`` CONTROL datagram, sized like the real one) every ``heartbeat`` seconds, jittered
+down by up to 10 % as the membership core does: the datagrams a farm sends anyway, which carry
+the receivers' piggybacked repair states. The books count those repair states apart from NACK
+datagrams (``carriers``, ``piggyback_bytes``); a NACK datagram counts everything it names.
 """
 
 from __future__ import annotations
 
+import functools
 import heapq
 import random
 from collections import Counter
@@ -32,12 +39,20 @@ from lbsync.replication.wire import (
     HEADER_LEN,
     MAC_LEN,
     TYPE_DATA,
+    HighWater,
     Limits,
+    Membership,
     Nack,
     Parity,
     RemoteProtocolError,
+    RepairState,
     decode_body,
+    encode_message,
 )
+
+# The membership core's default heartbeat interval (lbsync/membership/timing.py, "default").
+HEARTBEAT = 0.040
+MEMBERSHIP_SUBKIND = 1
 
 SIM_KEYRING = KeyRing({1: bytes(range(32))}, 1)
 
@@ -59,6 +74,11 @@ class SimBooks:
     nacks_per_gap: Counter[tuple[int, int, int]] = field(default_factory=Counter)
     # Each NACK datagram's cost shared among the datagrams it names (1/k to each of k).
     nack_share: dict[tuple[int, int, int], float] = field(default_factory=dict)
+    heartbeats: int = 0
+    # CONTROL datagrams without a NACK that carried repair states (sent anyway: heartbeats,
+    # tail probes, parities...), by what else they carried, and the repair states' bytes.
+    carriers: Counter[str] = field(default_factory=Counter)
+    piggyback_bytes: int = 0
 
     def gaps(self) -> int:
         """Original DATA datagrams missed by at least one receiver."""
@@ -111,6 +131,10 @@ class ScenarioResult:
     nack_histogram: tuple[tuple[int, int], ...] = ()  # (NACK datagrams, missed datagrams)
     nack_share_max: float = 0.0
     parities: int = 0  # of the retransmissions
+    heartbeats: int = 0
+    carriers: int = 0  # datagrams sent anyway that carried repair states
+    piggyback_bytes: int = 0  # repair state bytes on them
+    nack_fallbacks: int = 0  # NACK datagrams sent because no carrier left for nack_fallback
 
 
 class Simulation:
@@ -119,7 +143,8 @@ class Simulation:
     def __init__(self, *, nodes: int | Sequence[int], params: ProtocolParams, seed: int,
                  loss: float = 0.0, duplicate: float = 0.0, delay: float = 0.0002,
                  jitter: float = 0.0003, mode: Literal["multicast", "unicast"] = "multicast",
-                 keyring: KeyRing = SIM_KEYRING, max_entries: int = 2_000_000) -> None:
+                 keyring: KeyRing = SIM_KEYRING, max_entries: int = 2_000_000,
+                 heartbeat: float | None = None) -> None:
         ids = list(range(1, nodes + 1)) if isinstance(nodes, int) else list(nodes)
         self.params = params
         self.seed = seed
@@ -151,6 +176,22 @@ class Simulation:
             self.incarnations[node] = 1
             self.endpoints[node] = self._new_endpoint(node, BucketStore(
                 params.buckets, max_entries=max_entries))
+        self.heartbeat = heartbeat
+        # A heartbeat names every peer (membership/messages.py): ~60 + 12 per peer bytes.
+        self._hb_size = 60 + 12 * (len(ids) - 1)
+        if heartbeat is not None:
+            for node in ids:
+                self.at(self.rng.random() * heartbeat, functools.partial(self._beat, node))
+
+    def _beat(self, node: int) -> None:
+        assert self.heartbeat is not None
+        if node not in self.down:
+            self.endpoints[node].send_membership(MEMBERSHIP_SUBKIND,
+                                                 self.rng.randbytes(self._hb_size), self.now)
+            self.books.heartbeats += 1
+            self._poll(node)
+        self.at(self.now + self.heartbeat * (1 - 0.1 * self.rng.random()),
+                functools.partial(self._beat, node))
 
     def _new_endpoint(self, node: int, store: BucketStore) -> ReplicationEndpoint:
         ep = ReplicationEndpoint(
@@ -272,15 +313,35 @@ class Simulation:
         except RemoteProtocolError:
             return
         named: set[tuple[int, int, int]] = set()
+        stated: set[tuple[int, int, int]] = set()
+        state_bytes = 0
+        nack = False
         for m in messages:
             if isinstance(m, Parity):
                 self.books.retransmissions += 1
                 self.books.parities += 1
-            if isinstance(m, Nack):
+            elif isinstance(m, Nack):
+                nack = True
                 for start, count in m.ranges:
                     for seq in range(start, start + count):
                         named.add((m.target, m.incarnation, seq & 0xFFFFFFFF))
-        if named:
+            elif isinstance(m, RepairState):
+                state_bytes += len(encode_message(m))
+                for first, mask in m.blocks:
+                    for i in range(16):
+                        if mask >> i & 1:
+                            stated.add((m.target, m.incarnation, (first + i) & 0xFFFFFFFF))
+        if stated and not nack:
+            # Sent anyway: what else it carried says why it left.
+            why = ("parity" if any(isinstance(m, Parity) for m in messages)
+                   else "heartbeat" if any(isinstance(m, Membership) for m in messages)
+                   else "probe" if all(isinstance(m, HighWater | RepairState)
+                                       for m in messages)
+                   else "other")
+            self.books.carriers[why] += 1
+            self.books.piggyback_bytes += state_bytes
+        if nack:
+            named |= stated  # a NACK datagram counts for everything it asks for
             books = self.books
             books.nack_datagrams += 1
             books.nacks_per_gap.update(named)
@@ -398,24 +459,29 @@ def schedule_traffic(sim: Simulation, *, rng: random.Random, duration: float, op
             sim.at(t, burst_action)
 
 
-def _nack_tail(books: SimBooks) -> dict[str, Any]:
+def _nack_tail(sim: Simulation) -> dict[str, Any]:
+    books = sim.books
     hist = books.nack_histogram()
     return {"nack_over3": sum(v for k, v in hist.items() if k > 3),
             "nack_histogram": tuple(sorted(hist.items())),
-            "nack_share_max": books.nack_share_max(), "parities": books.parities}
+            "nack_share_max": books.nack_share_max(), "parities": books.parities,
+            "heartbeats": books.heartbeats, "carriers": books.carriers.total(),
+            "piggyback_bytes": books.piggyback_bytes,
+            "nack_fallbacks": sum(ep.receiver.nack_fallbacks
+                                  for ep in sim.endpoints.values())}
 
 
 def run_scenario(*, seed: int, params: ProtocolParams, nodes: int = 3, loss: float = 0.0,
                  duplicate: float = 0.0, jitter: float = 0.0003,
                  mode: Literal["multicast", "unicast"] = "multicast", ops: int = 300,
-                 traffic: float = 1.0, heal: bool = True,
-                 sample: float = 0.01) -> ScenarioResult:
+                 traffic: float = 1.0, heal: bool = True, sample: float = 0.01,
+                 heartbeat: float | None = HEARTBEAT) -> ScenarioResult:
     """Every node owns ``buckets/nodes`` buckets and changes them for ``traffic`` seconds on a
     lossy network; the network heals at T_h = end of traffic (unless ``heal`` is False: loss
     continues); convergence is required by T_h + 2*T_max + resync time, where the resync time
     is ``resync_timeout`` (one lost request) plus every entry at ``resync_rate``."""
     sim = Simulation(nodes=nodes, params=params, seed=seed, loss=loss, duplicate=duplicate,
-                     jitter=jitter, mode=mode)
+                     jitter=jitter, mode=mode, heartbeat=heartbeat)
     rng = random.Random(seed ^ 0x5EED)
     ids = sorted(sim.endpoints)
     for b in range(params.buckets):
@@ -445,19 +511,19 @@ def run_scenario(*, seed: int, params: ProtocolParams, nodes: int = 3, loss: flo
         entries=entries, divergence=tuple(sim.divergence()), overhead=sim.books.repair_overhead(),
         nack_mean=mean, nack_p99=p99, nack_max=mx, gaps=sim.books.gaps(),
         originals=sim.books.originals, retransmissions=sim.books.retransmissions,
-        nack_datagrams=sim.books.nack_datagrams, **_nack_tail(sim.books))
+        nack_datagrams=sim.books.nack_datagrams, **_nack_tail(sim))
 
 
 
 def run_stream(*, seed: int, params: ProtocolParams, receivers: int, loss: float,
                mode: Literal["multicast", "unicast"] = "multicast", records: int = 5000,
                rate: float = 20_000.0, duplicate: float = 0.0, jitter: float = 0.0003,
-               settle: float = 5.0) -> ScenarioResult:
+               settle: float = 5.0, heartbeat: float | None = HEARTBEAT) -> ScenarioResult:
     """One owner streams ``records`` flow updates at ``rate``/s to ``receivers`` peers while
     loss stays on (repairs are lost too); ends when every peer holds the owner's state or
     ``settle`` seconds after the stream, whichever comes first."""
     sim = Simulation(nodes=receivers + 1, params=params, seed=seed, loss=loss,
-                     duplicate=duplicate, jitter=jitter, mode=mode)
+                     duplicate=duplicate, jitter=jitter, mode=mode, heartbeat=heartbeat)
     rng = random.Random(seed ^ 0xFEED)
     for b in range(params.buckets):
         sim.claim(1, b, 1)
@@ -489,4 +555,4 @@ def run_stream(*, seed: int, params: ProtocolParams, receivers: int, loss: float
         overhead=sim.books.repair_overhead(), nack_mean=mean, nack_p99=p99, nack_max=mx,
         gaps=sim.books.gaps(), originals=sim.books.originals,
         retransmissions=sim.books.retransmissions, nack_datagrams=sim.books.nack_datagrams,
-        **_nack_tail(sim.books))
+        **_nack_tail(sim))

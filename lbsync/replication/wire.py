@@ -68,6 +68,7 @@ K_NACK = 17
 K_GONE = 18
 K_RESYNC_REQUEST = 19
 K_PARITY = 20
+K_REPAIR_STATE = 21
 K_MEMBERSHIP = 32
 
 DATA_KINDS = frozenset(range(1, 16))
@@ -242,6 +243,20 @@ class Parity:
 
 
 @dataclass(frozen=True, slots=True)
+class RepairState:
+    """What the sending node still misses of ``target``'s stream (incarnation
+    ``incarnation``), piggybacked on a CONTROL datagram it sends anyway (heartbeat, tail
+    probe): ``blocks`` are (first wire seq of a repair block, mask) pairs, bit ``i`` of the
+    mask (1..0xFFFF) = seq ``first + i`` missing. ``target`` answers it as a NACK of those
+    seqs; other receivers take it as one (suppression)."""
+
+    KIND: ClassVar[int] = K_REPAIR_STATE
+    target: int
+    incarnation: int
+    blocks: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class ResyncRequest:
     """Ask ``target`` to stream ``buckets`` (empty: every bucket it owns)."""
 
@@ -262,7 +277,8 @@ class Membership:
 
 DataMessage = (FlowUpdate | FlowDelete | ExpectationUpdate | ExpectationDelete | ResyncBegin
                | ResyncEnd | BucketDigest | ResyncDone)
-ControlMessage = HighWater | Nack | Gone | ResyncRequest | Parity | Membership
+ControlMessage = (HighWater | Nack | Gone | ResyncRequest | Parity | RepairState
+                  | Membership)
 Message = DataMessage | ControlMessage
 RecordMessage = FlowUpdate | FlowDelete | ExpectationUpdate | ExpectationDelete
 
@@ -320,6 +336,8 @@ def encode_message(m: Message) -> bytes:
         return _pack([m.KIND, m.target, m.token, list(m.buckets)])
     if isinstance(m, Parity):
         return _pack([m.KIND, m.first & U32, m.count, m.row, m.payload])
+    if isinstance(m, RepairState):
+        return _pack([m.KIND, m.target, m.incarnation, _flat(m.blocks)])
     return _pack([m.KIND, m.subkind, m.payload])
 
 
@@ -405,6 +423,20 @@ def _ranges(v: object, lim: Limits) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
+def _repair_blocks(v: object, lim: Limits) -> tuple[tuple[int, int], ...]:
+    if type(v) is not list or len(v) % 2 or not 0 < len(v) <= 2 * lim.max_ranges:
+        raise RemoteProtocolError("malformed", "repair blocks")
+    out = []
+    for i in range(0, len(v), 2):
+        first, mask = _u32(v[i]), v[i + 1]
+        # Blocks are aligned on FIRST_SEQ (1) and 2**32 is a multiple of the block size.
+        if (first - 1) % PARITY_BLOCK or type(mask) is not int \
+                or not 0 < mask < 1 << PARITY_BLOCK:
+            raise RemoteProtocolError("malformed", "repair block")
+        out.append((first, mask))
+    return tuple(out)
+
+
 def _buckets(v: object, lim: Limits) -> tuple[int, ...]:
     if type(v) is not list or len(v) > lim.buckets:
         raise RemoteProtocolError("malformed", "bucket list")
@@ -454,6 +486,8 @@ def _decode_one(m: object, dtype: int, lim: Limits) -> Message:
         if len(payload) < 2:
             raise RemoteProtocolError("malformed", "parity payload")
         return Parity(_u32(m[1]), count, row, payload)
+    if kind == K_REPAIR_STATE and n == 4:
+        return RepairState(_node(m[1]), _u32(m[2]), _repair_blocks(m[3], lim))
     if kind == K_MEMBERSHIP and n == 3:
         sub = m[1]
         if type(sub) is not int or not 0 <= sub <= 255:

@@ -32,8 +32,10 @@ from lbsync.replication.wire import (
     FlowUpdate,
     Limits,
     LocalProtocolError,
+    Membership,
     Nack,
     Parity,
+    RepairState,
     decode_body,
     parse_header,
 )
@@ -388,8 +390,10 @@ def test_receiver_missing_more_of_a_block_asks_first() -> None:
 
 
 def test_suppressed_receiver_asks_when_the_heard_nack_brings_no_burst() -> None:
-    """Another receiver's NACK lost on its way to the sender: no parity follows, and the
-    receiver that heard it asks itself once ``repair_wait`` plus its ordered delay passed."""
+    """Another receiver's NACK lost on its way to the sender: no parity follows. The receiver
+    that heard it sends no NACK datagram for the block (it was asked for): its next CONTROL
+    datagram sent anyway (a heartbeat) carries a RepairState naming the gap, which the sender
+    answers as a NACK."""
     a, b, c = ep(1), ep(2), ep(3)
     ds = _one_block(a)
     for r in (b, c):
@@ -406,7 +410,83 @@ def test_suppressed_receiver_asks_when_the_heard_nack_brings_no_burst() -> None:
     t1 = second.get_timer()
     assert t1 is not None and t0 + P.repair_wait <= t1 <= t0 + P.repair_wait + P.nack_delay
     second.handle_timer(t1)
-    assert [m for m in control_messages(second.datagrams_to_send()) if isinstance(m, Nack)]
+    assert not [m for m in control_messages(second.datagrams_to_send()) if isinstance(m, Nack)]
+    second.send_membership(1, b"heartbeat", t1 + 0.001)
+    beat = second.datagrams_to_send()
+    assert len(beat) == 1
+    states = [m for m in control_messages(beat) if isinstance(m, RepairState)]
+    assert states == [RepairState(1, 1, ((1, 1 << 2),))]
+    assert any(isinstance(m, Membership) for m in control_messages(beat))
+    a.datagram_received(beat[0], t1 + 0.001)
+    burst = a.datagrams_to_send()
+    assert len(burst) == P.parity_burst(1)
+    assert a.statistics().sender.repair_states_received == 1
+    for d in burst:
+        second.datagram_received(d, t1 + 0.002)
+    assert second.store.snapshot(0) == a.store.snapshot(0)
+    assert second.statistics().receiver.nack_messages == 0
+
+
+def test_without_carriers_a_gap_is_nacked_again_after_the_fallback() -> None:
+    """A node without heartbeats still repairs: its tail probes carry the repair state, and a
+    gap that no datagram carried for ``nack_fallback`` (the probes back off to 1 s) is
+    NACKed again; never sooner."""
+    a, b = ep(1), ep(2)
+    ds = _one_block(a)
+    for i, d in enumerate(ds):
+        if i != 4:
+            b.datagram_received(d, 0.0)
+    asked: list[tuple[float, str]] = []  # every request for the gap; all of them are lost
+    now = 0.0
+    while now < 2.0:
+        t = b.get_timer()
+        assert t is not None
+        now = t
+        b.handle_timer(now)
+        for m in control_messages(b.datagrams_to_send()):
+            if isinstance(m, Nack):
+                assert m.ranges == ((5, 1),)
+                asked.append((now, "nack"))
+            elif isinstance(m, RepairState):
+                assert m.blocks == ((1, 1 << 4),)
+                asked.append((now, "state"))
+    kinds = [k for _t, k in asked]
+    assert kinds[0] == "nack" and "state" in kinds and kinds.count("nack") >= 2
+    for (t0, _k), (t1, k) in itertools.pairwise(asked):
+        assert t1 - t0 >= (P.nack_fallback if k == "nack" else P.nack_retry) - 1e-9
+    assert b.statistics().receiver.nack_fallbacks == kinds.count("nack") - 1
+
+
+def test_repair_state_rides_only_on_datagrams_sent_anyway() -> None:
+    """Piggybacking never makes a datagram: with gaps open the node sends exactly the CONTROL
+    datagrams it sends without them, and a NACK datagram carries no repair state."""
+    a = ep(1)
+    ds = _one_block(a)
+    counts = []
+    for missing in (False, True):
+        b = ep(2)
+        for i, d in enumerate(ds):
+            if not (missing and i in (3, 6)):
+                b.datagram_received(d, 0.0)
+        sent: list[bytes] = []
+        now, beat = 0.0, 0.04
+        while now < 1.0:
+            t = b.get_timer()
+            assert t is not None
+            now = min(t, beat)
+            if now == beat:  # a heartbeat every 40 ms
+                b.send_membership(1, b"hb", now)
+                beat += 0.04
+            else:
+                b.handle_timer(now)
+            sent.extend(b.datagrams_to_send())
+        states = [d for d in sent if any(isinstance(m, RepairState)
+                                          for m in control_messages([d]))]
+        nacks = [d for d in sent if any(isinstance(m, Nack) for m in control_messages([d]))]
+        assert not set(states) & set(nacks)
+        assert bool(states) == missing
+        counts.append(len(sent) - len(nacks))
+    assert counts[0] == counts[1]
 
 
 def test_sender_answers_a_seq_once_per_holdoff() -> None:

@@ -23,7 +23,7 @@ from lbsync.replication.wire import (
     RemoteProtocolError,
     decode_body,
 )
-from tests.unit.test_replication_wire import GOLDEN_CONTROL, GOLDEN_DATA
+from tests.unit.test_replication_wire import GOLDEN_CONTROL, GOLDEN_DATA, GOLDEN_HEARTBEAT
 
 KR = KeyRing({1: bytes(range(32))}, 1)
 P = ProtocolParams(buckets=16)
@@ -64,6 +64,7 @@ def test_golden_vectors_are_accepted() -> None:
     ep = receiver()
     ep.datagram_received(GOLDEN_DATA, 0.0)
     ep.datagram_received(GOLDEN_CONTROL, 0.0)
+    ep.datagram_received(GOLDEN_HEARTBEAT, 0.0)
     assert not ep.statistics().rejected
 
 
@@ -167,7 +168,8 @@ def check_signed_mutation(ep: ReplicationEndpoint, golden: bytes, body: bytes,
         assert not isinstance(e, RecordsApplied)
 
 
-@given(st.integers(0, 2**32 - 1), st.sampled_from([GOLDEN_DATA, GOLDEN_CONTROL]))
+@given(st.integers(0, 2**32 - 1),
+       st.sampled_from([GOLDEN_DATA, GOLDEN_CONTROL, GOLDEN_HEARTBEAT]))
 def test_validly_signed_mutated_bodies(seed: int, golden: bytes) -> None:
     rng = random.Random(seed)
     ep = receiver()
@@ -181,7 +183,8 @@ def test_one_million_signed_mutations_of_the_golden_vectors() -> None:
     ep = receiver()
     data_seq, ctl_seq = 42, 5
     for i in range(1_000_000):
-        golden = GOLDEN_DATA if i % 2 == 0 else GOLDEN_CONTROL
+        golden = GOLDEN_DATA if i % 2 == 0 else GOLDEN_CONTROL if i % 4 == 1 \
+            else GOLDEN_HEARTBEAT
         body = mutate(rng, golden[HEADER_LEN:-MAC_LEN])
         if golden[3] == TYPE_DATA:
             seq, data_seq = data_seq, data_seq + 1

@@ -29,6 +29,7 @@ from lbsync.replication.wire import (
     Nack,
     Parity,
     RemoteProtocolError,
+    RepairState,
     ResyncBegin,
     ResyncDone,
     ResyncEnd,
@@ -96,6 +97,41 @@ def test_golden_parity_datagram() -> None:
     assert build(h, PARITY_MESSAGES) == GOLDEN_PARITY
     assert decode_body(GOLDEN_PARITY[HEADER_LEN:-MAC_LEN], TYPE_CONTROL, LIMITS) \
         == PARITY_MESSAGES
+
+
+# A heartbeat carrying two piggybacked repair states: node 2 misses seqs 33 and 35 and 80 of
+# node 1's stream (incarnation 7), and all of 1..16 of node 3's (incarnation 2).
+HEARTBEAT_MESSAGES: list[Message] = [
+    HighWater(41), Membership(1, b"hb"), RepairState(1, 7, ((33, 0x0005), (65, 0x8000))),
+    RepairState(3, 2, ((1, 0xFFFF),))]
+GOLDEN_HEARTBEAT = bytes.fromhex(
+    "4c5301020201000000000009000000070000000194921029932001c40268629415010794210541cd80009415"
+    "03029201cdffffb24d7724a78c2eb0ec41bb461c4f6720")
+
+
+def test_golden_heartbeat_with_repair_states() -> None:
+    h = Header(TYPE_CONTROL, 2, 1, 9, 7, 1)
+    assert build(h, HEARTBEAT_MESSAGES) == GOLDEN_HEARTBEAT
+    assert decode_body(GOLDEN_HEARTBEAT[HEADER_LEN:-MAC_LEN], TYPE_CONTROL, LIMITS) \
+        == HEARTBEAT_MESSAGES
+
+
+@pytest.mark.parametrize("fields", [
+    [21, 1, 7, []],  # no block
+    [21, 1, 7, [33]],  # a mask short
+    [21, 1, 7, [34, 1]],  # not a block boundary
+    [21, 1, 7, [33, 0]],  # empty mask
+    [21, 1, 7, [33, 0x10000]],  # a mask beyond the block
+    [21, 0, 7, [33, 1]],  # node 0
+    [21, 1, 7, [33, 1] * 65],  # more blocks than ranges allowed
+    [21, 1, 7, [33, b"\x01"]],  # mask not an integer
+    [21, 1, [33, 1]],  # a field short
+])
+def test_malformed_repair_state_rejected(fields: list[object]) -> None:
+    body = msgpack.packb([fields], use_bin_type=True)
+    with pytest.raises(RemoteProtocolError) as exc:
+        decode_body(body, TYPE_CONTROL, LIMITS)
+    assert exc.value.reason == "malformed"
 
 
 @pytest.mark.parametrize("fields", [
@@ -183,7 +219,7 @@ def test_unwrap_is_serial_arithmetic(_wire: int, near: int, delta: int) -> None:
     assert unwrap(value & 0xFFFFFFFF, near) == value
 
 
-@given(st.sampled_from(DATA_MESSAGES + CONTROL_MESSAGES))
+@given(st.sampled_from(DATA_MESSAGES + CONTROL_MESSAGES + HEARTBEAT_MESSAGES))
 def test_every_message_round_trips(m: Message) -> None:
     dtype = TYPE_DATA if m in DATA_MESSAGES else TYPE_CONTROL
     assert decode_body(encode_body([encode_message(m)]), dtype, LIMITS) == [m]
