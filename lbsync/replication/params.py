@@ -55,10 +55,13 @@ class ProtocolParams:
     # Explicit NACK datagrams a receiver sends per repair block, at most, and only while it has
     # heard no other request (NACK, repair state, parity) for the block; later rounds ride on
     # the CONTROL datagrams the node sends anyway (heartbeats, tail probes) as a
-    # ``RepairState``, at most once per ``nack_retry`` per gap. Only when no such datagram
+    # ``RepairState``, at most once per ``repair_quiet`` per gap. Only when no such datagram
     # left for ``nack_fallback`` (a node without heartbeats) does a NACK datagram ask again.
     nack_explicit: int = 1
     nack_fallback: float = 0.150
+    # A gap just asked for (by us or by a receiver we heard) is not named again in a repair
+    # state for this long: the sender's hold-off, so that the request can bring a new burst.
+    repair_quiet: float = 0.020
     resync_rate: float = 200_000.0  # records per second, at most, in resync answers
     resync_burst: int = 512
     resync_timeout: float = 1.0

@@ -19,7 +19,7 @@ Rules, per sender (a peer is identified by its node id and incarnation):
 - Explicit NACK datagrams only for the first ``nack_explicit`` round(s) of a block, and only
   while no other request for it was heard; after that the node's missing gaps ride on the
   CONTROL datagrams its sender sends anyway (heartbeats, tail probes) as ``RepairState``
-  messages (:meth:`Receiver.repair_state`), each gap at most once per ``nack_retry``. A gap
+  messages (:meth:`Receiver.repair_state`), each gap at most once per ``repair_quiet``. A gap
   no such datagram carried for ``nack_fallback`` is NACKed again explicitly (a node that
   sends no heartbeats; counted as ``nack_fallbacks``). Rebuilt datagrams go back
   through the endpoint's whole acceptance path (their own MAC). ``Gone`` skips the gap (the sender
@@ -672,7 +672,7 @@ class Receiver:
             named.extend(seqs)
             for g in gaps:
                 g.attempts += 1
-                g.quiet = now + p.nack_retry
+                g.quiet = now + p.repair_quiet
                 if last:
                     g.carried = True
                     g.due = now + p.nack_fallback
@@ -697,7 +697,7 @@ class Receiver:
         """``RepairState`` messages (encoded, at most ``room`` bytes in all) for a CONTROL
         datagram our sender is sending anyway: per peer, every gap of each repair block with a
         gap that is due, or asked for before and still missing, unless asked for within
-        ``nack_retry`` (by us or by a receiver we heard). The gaps named count as asked now."""
+        ``repair_quiet`` (by us or by a receiver we heard). The gaps named count as asked now."""
         p = self._p
         block = fec.BLOCK
         out: list[bytes] = []
@@ -714,7 +714,7 @@ class Receiver:
             if not firsts:
                 continue
             blocks: list[tuple[int, int]] = []
-            quiet, fallback = now + p.nack_retry, now + p.nack_fallback
+            quiet, fallback = now + p.repair_quiet, now + p.nack_fallback
             for first in firsts:
                 mask = 0
                 for s in range(first, first + block):

@@ -453,7 +453,7 @@ def test_without_carriers_a_gap_is_nacked_again_after_the_fallback() -> None:
     kinds = [k for _t, k in asked]
     assert kinds[0] == "nack" and "state" in kinds and kinds.count("nack") >= 2
     for (t0, _k), (t1, k) in itertools.pairwise(asked):
-        assert t1 - t0 >= (P.nack_fallback if k == "nack" else P.nack_retry) - 1e-9
+        assert t1 - t0 >= (P.nack_fallback if k == "nack" else P.repair_quiet) - 1e-9
     assert b.statistics().receiver.nack_fallbacks == kinds.count("nack") - 1
 
 
