@@ -10,6 +10,8 @@
  *    at the first message it does not decode completely (any other message type, anything
  *    malformed or unusual); returns that message's offset (>= len(buf) when all were done).
  *    A message is appended whole or not at all.
+ *  - recv_events(fd, buf, max_calls, events): the event reader's receive loop (several
+ *    non-blocking receives per call), each buffer decoded as by decode_ct; see below.
  *  - create(record, seq, flags, default_timeout) -> bytes | None: the CT_NEW create of a
  *    packed record on the fast path of ``_create_fast`` (port protocols, zone 0, no helper,
  *    labels, seqadj or master; optional TCP protoinfo and NAT ranges), or None.
@@ -23,8 +25,11 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <errno.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <sys/types.h>
 
 #define AF_INET_ 2
 #define AF_INET6_ 10
@@ -646,6 +651,37 @@ static PyObject *decode_one(const uint8_t *b, Py_ssize_t pos, Py_ssize_t end, in
     return ev;
 }
 
+/* The conntrack messages of b[pos:n] up to the first one not decoded here; returns its offset
+ * (>= n when all were), or -1 with an exception set. */
+static Py_ssize_t decode_buf(const uint8_t *b, Py_ssize_t n, Py_ssize_t pos, int dump,
+                             PyObject *events)
+{
+    while (pos < n) {
+        if (n - pos < 16)
+            break;
+        uint32_t mlen = rd_u32n(b + pos);
+        uint16_t mtype = rd_u16n(b + pos + 4), mflags = rd_u16n(b + pos + 6);
+        uint32_t portid = rd_u32n(b + pos + 12);
+        if (mlen < 20 || (Py_ssize_t)mlen > n - pos)
+            break;
+        if (mtype != 0x100 && mtype != 0x102)
+            break;
+        long kind = dump ? 4 : mtype == 0x102 ? 3 : (mflags & 0x400) ? 1 : 2;
+        PyObject *ev = decode_one(b, pos + 20, pos + (Py_ssize_t)mlen, b[pos + 16], kind, portid);
+        if (ev == NULL) {
+            if (PyErr_Occurred())
+                return -1;
+            break;
+        }
+        int r = PyList_Append(events, ev);
+        Py_DECREF(ev);
+        if (r < 0)
+            return -1;
+        pos += ((Py_ssize_t)mlen + 3) & ~(Py_ssize_t)3;
+    }
+    return pos;
+}
+
 static PyObject *py_decode_ct(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 4) {
@@ -665,32 +701,68 @@ static PyObject *py_decode_ct(PyObject *self, PyObject *const *args, Py_ssize_t 
     }
     if (!PyBytes_CheckExact(buf) || event_type == NULL || pos < 0)
         return PyLong_FromSsize_t(pos);
-    const uint8_t *b = (const uint8_t *)PyBytes_AS_STRING(buf);
-    Py_ssize_t n = PyBytes_GET_SIZE(buf);
-    while (pos < n) {
-        if (n - pos < 16)
-            break;
-        uint32_t mlen = rd_u32n(b + pos);
-        uint16_t mtype = rd_u16n(b + pos + 4), mflags = rd_u16n(b + pos + 6);
-        uint32_t portid = rd_u32n(b + pos + 12);
-        if (mlen < 20 || (Py_ssize_t)mlen > n - pos)
-            break;
-        if (mtype != 0x100 && mtype != 0x102)
-            break;
-        long kind = dump ? 4 : mtype == 0x102 ? 3 : (mflags & 0x400) ? 1 : 2;
-        PyObject *ev = decode_one(b, pos + 20, pos + (Py_ssize_t)mlen, b[pos + 16], kind, portid);
-        if (ev == NULL) {
-            if (PyErr_Occurred())
-                return NULL;
+    pos = decode_buf((const uint8_t *)PyBytes_AS_STRING(buf), PyBytes_GET_SIZE(buf), pos, dump,
+                     events);
+    if (pos < 0)
+        return NULL;
+    return PyLong_FromSsize_t(pos);
+}
+
+/* recv_events(fd, buf, max_calls, events) -> (calls, status, rest): up to max_calls receives
+ * on the non-blocking netlink socket fd into the bytearray buf, each decoded into events as
+ * decode() would. Stops after max_calls receives (status -1, rest None), when the socket has
+ * nothing more (status 0: EAGAIN), on another error (status = errno, e.g. ENOBUFS; that call
+ * not counted), or when a receive holds a message not decoded here (status -1, rest = the
+ * bytes from that message on, for the Python decoder; that call counted). */
+static PyObject *py_recv_events(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyByteArray_Check(args[1]) || !PyList_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "recv_events(fd, buf: bytearray, max_calls, events)");
+        return NULL;
+    }
+    long fdl = PyLong_AsLong(args[0]);
+    if (fdl == -1 && PyErr_Occurred())
+        return NULL;
+    if (fdl < 0 || fdl > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "bad file descriptor");
+        return NULL;
+    }
+    int fd = (int)fdl;
+    Py_ssize_t max_calls = PyLong_AsSsize_t(args[2]);
+    if (max_calls == -1 && PyErr_Occurred())
+        return NULL;
+    if (event_type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "set_event_type() first");
+        return NULL;
+    }
+    PyObject *bufobj = args[1], *events = args[3];
+    Py_ssize_t calls = 0;
+    int status = -1;
+    while (calls < max_calls) {
+        /* the bytearray is not resized while this runs: only events are appended */
+        uint8_t *b = (uint8_t *)PyByteArray_AS_STRING(bufobj);
+        ssize_t n = recv(fd, b, (size_t)PyByteArray_GET_SIZE(bufobj), MSG_DONTWAIT);
+        if (n < 0) {
+            if (errno == EINTR) {
+                if (PyErr_CheckSignals() < 0)
+                    return NULL;
+                continue;
+            }
+            status = (errno == EAGAIN || errno == EWOULDBLOCK) ? 0 : errno;
             break;
         }
-        int r = PyList_Append(events, ev);
-        Py_DECREF(ev);
-        if (r < 0)
+        calls++;
+        Py_ssize_t pos = decode_buf(b, (Py_ssize_t)n, 0, 0, events);
+        if (pos < 0)
             return NULL;
-        pos += ((Py_ssize_t)mlen + 3) & ~(Py_ssize_t)3;
+        if (pos < (Py_ssize_t)n) {
+            PyObject *rest = PyBytes_FromStringAndSize((const char *)b + pos, (Py_ssize_t)n - pos);
+            if (rest == NULL)
+                return NULL;
+            return Py_BuildValue("niN", calls, -1, rest);
+        }
     }
-    return PyLong_FromSsize_t(pos);
+    return Py_BuildValue("niO", calls, status, Py_None);
 }
 
 /* -- msgpack reading (a strict subset of msgpack.unpackb with unpack_fields' limits) ------- */
@@ -1110,6 +1182,8 @@ static PyObject *py_set_event_type(PyObject *self, PyObject *arg)
 static PyMethodDef methods[] = {
     {"decode_ct", (PyCFunction)(void (*)(void))py_decode_ct, METH_FASTCALL,
      "decode_ct(buf, pos, dump, events) -> offset of the first message not decoded"},
+    {"recv_events", (PyCFunction)(void (*)(void))py_recv_events, METH_FASTCALL,
+     "recv_events(fd, buf, max_calls, events) -> (calls, status, rest)"},
     {"create", (PyCFunction)(void (*)(void))py_create, METH_FASTCALL,
      "create(record, seq, flags, default_timeout) -> bytes | None"},
     {"create_batch", (PyCFunction)(void (*)(void))py_create_batch, METH_FASTCALL,

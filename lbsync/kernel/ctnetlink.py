@@ -249,6 +249,10 @@ _c_decode_ct: Callable[[bytes, int, bool, list[CtEvent]], int] | None = (
     None if _ctfast is None else _ctfast.decode_ct)
 _c_create: Callable[[bytes, int, int, int], bytes | None] | None = (
     None if _ctfast is None else _ctfast.create)
+# the event reader's receive loop (lbsync.kernel.conntrack.ConntrackEvents._read_c)
+_c_recv_events: Callable[[int, bytearray, int, list[CtEvent]],
+                         tuple[int, int, bytes | None]] | None = (
+    None if _ctfast is None else _ctfast.recv_events)
 # lbsync.node._standby_check's verdict on a packed record, or None (left to the Python code)
 _c_standby_check: Callable[[bytes, bytes], int | None] | None = (
     None if _ctfast is None else _ctfast.standby_check)

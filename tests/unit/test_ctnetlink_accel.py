@@ -13,7 +13,7 @@ import os
 import random
 import struct
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import pytest
@@ -429,3 +429,51 @@ def test_standby_check_on_valid_records(rec: FlowRecord) -> None:
     for key in (rec.key, b"\2\6" + rec.key[2:]):
         fast, slow = both(N._standby_check, key, packed)
         assert fast == slow
+
+
+# -- the event reader's receive loop ----------------------------------------------------------
+
+@needs_c
+def test_recv_events_decodes_each_datagram_as_decode_does() -> None:
+    """recv_events on a datagram socketpair (recv works the same on netlink): per datagram,
+    the events it appends plus decode() of the ``rest`` it hands back equal decode() of the
+    whole datagram; EAGAIN ends the loop with status 0; max_calls bounds the receives."""
+    import socket
+
+    rnd = random.Random(9)
+    grams = list(MESSAGES) + [_built(rnd) for _ in range(200)]
+    grams += [mutate(rnd, rnd.choice(grams)) for _ in range(300)]
+    grams += [b"".join(rnd.sample(MESSAGES, 3)) for _ in range(50)] + [b""]
+    rnd.shuffle(grams)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    b.setblocking(False)
+    buf = bytearray(1 << 17)
+    try:
+        for start in range(0, len(grams), 40):
+            chunk = grams[start:start + 40]
+            for g in chunk:
+                a.send(g)
+            got: list[C.CtEvent] = []
+            expected: list[C.CtEvent] = []
+            for g in chunk:  # the Python reader: events before a bad message are kept
+                with python_only(), suppress(C.CodecError):
+                    C.decode(g, C.Decoded(expected, [], []))
+            calls = 0
+            while True:
+                n, status, rest = C._ctfast.recv_events(b.fileno(), buf, 7, got)
+                assert n <= 7
+                calls += n
+                if rest is not None:
+                    with python_only(), suppress(C.CodecError):
+                        C.decode(rest, C.Decoded(got, [], []))
+                elif status == 0:
+                    break
+                else:
+                    assert status == -1 and n == 7
+            assert calls == len(chunk)
+            assert got == expected
+    finally:
+        a.close()
+        b.close()
