@@ -395,7 +395,23 @@ def bench_live(ns_mgr: Namespaces, n: int, rounds: int, pace: float) -> None:
     cpu, msgs, enobufs = asyncio.run(read_stream(ns, n, rounds, 0.0))
     figure("live_read_burst_events_per_cpu_s", msgs / cpu, "events/s", target=">= 60000")
     FIGURES["live_read_burst_events_per_cpu_s"].update(
-        events=msgs, expected=2 * n * rounds, enobufs=enobufs, cpu_s=round(cpu, 3))
+        events=msgs, expected=2 * n * rounds, enobufs=enobufs, cpu_s=round(cpu, 3),
+        codec=C.CODEC)
+    if C._ctfast is not None:
+        # the same burst read with the C reader and with the Python one, alternating
+        saved = C._c_recv_events, C._c_decode_ct
+        rates: dict[bool, list[float]] = {True: [], False: []}
+        try:
+            for use_c in (False, True, False, True):
+                C._c_recv_events, C._c_decode_ct = saved if use_c else (None, None)
+                cpu, msgs, _ = asyncio.run(read_stream(ns, n, 1, 0.0))
+                rates[use_c].append(msgs / cpu)
+        finally:
+            C._c_recv_events, C._c_decode_ct = saved
+        figure("live_read_burst_c_events_per_cpu_s", max(rates[True]), "events/s",
+               baseline="python reader", base_value=max(rates[False]))
+        FIGURES["live_read_burst_c_events_per_cpu_s"].update(
+            c_runs=[round(r) for r in rates[True]], python_runs=[round(r) for r in rates[False]])
     # 2. a paced stream that conntrack -E can follow (its --buffer-size is capped by
     #    net.core.rmem_max, so a burst makes it lose most events): both readers, same stream
     pcpu, pmsgs, penobufs = asyncio.run(read_stream(ns, n, 1, pace))
