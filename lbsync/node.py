@@ -102,9 +102,11 @@ LEAVE_GRACE = 10.0
 # the same priority this often (see Node._cpu_yield).
 YIELD_BUSY_CHECK = 0.005
 YIELD_IDLE_CHECK = 0.05
-# ... and, while more tasks are runnable than the host has CPUs, also sleeps this long each
-# busy check (a duty of ~60 %): see Node._cpu_yield
+# ... and, once it has been busy for YIELD_OVERCOMMIT_AFTER without a break while more tasks
+# are runnable than the host has CPUs, also sleeps this long each busy check (a duty of ~60 %):
+# see Node._cpu_yield
 YIELD_OVERCOMMIT_SLEEP = 0.003
+YIELD_OVERCOMMIT_AFTER = 0.1
 STARTUP_SETTLE = 1.0
 # A non-TCP standby copy waits for the owner's record to show a reply (IPS_SEEN_REPLY) or,
 # for one-way flows, this long (the replication lag): a copy injected at the owner's NEW event
@@ -304,6 +306,7 @@ class Node:
         self._schedule_sweep()
         if os.sched_getscheduler(0) in (os.SCHED_RR, os.SCHED_FIFO):
             self._cpu_mark = time.thread_time()
+            self._busy_since: float | None = None
             self.loop.call_later(YIELD_IDLE_CHECK, self._cpu_yield)
         self.metrics: Any = None
         if self.cfg.metrics.listen:  # prometheus_client is imported only when enabled
@@ -727,10 +730,20 @@ class Node:
         busy for most of a second, the kernel's fair server (Linux 6.12+: 50 ms a second for
         SCHED_OTHER tasks that starve, replacing RT throttling) preempts them all for 50 ms at
         once: the lab's three daemons stalled together and fenced themselves. So while the
-        host is overcommitted (more runnable tasks than CPUs, /proc/loadavg) a busy loop also
-        sleeps YIELD_OVERCOMMIT_SLEEP per check, leaving the others their share; bulk work
-        then takes longer, heartbeats wait at most that long."""
-        busy, pause = yield_plan(time.thread_time() - self._cpu_mark, _host_overcommitted)
+        host is overcommitted (more runnable tasks than CPUs, /proc/loadavg) a loop busy for
+        YIELD_OVERCOMMIT_AFTER without a break (bulk work) also sleeps YIELD_OVERCOMMIT_SLEEP
+        per check, leaving the others their share; bulk work then takes longer, heartbeats
+        wait at most that long. Shorter busy spells (replication at 20k flows/s, a digest
+        slice) do not sleep: the fair server needs ~950 ms of starvation, and a 3 ms sleep in
+        the middle of a datagram's records was most of the replication lag's p99 (issue 6)."""
+        now = self.loop.time()
+        busy_for = 0.0 if self._busy_since is None else now - self._busy_since
+        busy, pause = yield_plan(time.thread_time() - self._cpu_mark, busy_for,
+                                 _host_overcommitted)
+        if not busy:
+            self._busy_since = None
+        elif self._busy_since is None:
+            self._busy_since = now
         if busy:
             os.sched_yield()
             self.c["cpu_yields"] += 1
@@ -874,13 +887,16 @@ class Node:
 _NCPU = os.cpu_count() or 1
 
 
-def yield_plan(cpu_used: float, overcommitted: Callable[[], bool]) -> tuple[bool, float]:
+def yield_plan(cpu_used: float, busy_for: float,
+               overcommitted: Callable[[], bool]) -> tuple[bool, float]:
     """For :meth:`Node._cpu_yield`: (busy, seconds to sleep) after the loop's thread used
-    ``cpu_used`` seconds of CPU since the last check. Busy means more than half of a
-    YIELD_BUSY_CHECK; a busy loop on an overcommitted host also sleeps YIELD_OVERCOMMIT_SLEEP
-    (``overcommitted`` is asked only then: it reads /proc)."""
+    ``cpu_used`` seconds of CPU since the last check, the loop having been busy without a
+    break for ``busy_for`` seconds before it. Busy means more than half of a
+    YIELD_BUSY_CHECK; a loop busy for at least YIELD_OVERCOMMIT_AFTER on an overcommitted host
+    also sleeps YIELD_OVERCOMMIT_SLEEP (``overcommitted`` is asked only then: it reads /proc)."""
     busy = cpu_used > YIELD_BUSY_CHECK / 2
-    return busy, (YIELD_OVERCOMMIT_SLEEP if busy and overcommitted() else 0.0)
+    bulk = busy and busy_for >= YIELD_OVERCOMMIT_AFTER
+    return busy, (YIELD_OVERCOMMIT_SLEEP if bulk and overcommitted() else 0.0)
 
 
 def _host_overcommitted(path: str = "/proc/loadavg", ncpu: int | None = None) -> bool:

@@ -1,5 +1,6 @@
-"""The daemon's CPU-yield decision (issue 7): a busy loop yields, and sleeps a little only on
-an overcommitted host; /proc/loadavg's running count against the CPU count decides that."""
+"""The daemon's CPU-yield decision (issue 7): a busy loop yields, and sleeps a little only
+after being busy for a while (bulk work) on an overcommitted host; /proc/loadavg's running
+count against the CPU count decides that."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 from lbsync.node import (
     YIELD_BUSY_CHECK,
+    YIELD_OVERCOMMIT_AFTER,
     YIELD_OVERCOMMIT_SLEEP,
     _host_overcommitted,
     yield_plan,
@@ -20,14 +22,30 @@ def test_idle_loop_neither_yields_nor_asks_about_the_host() -> None:
         asked.append(True)
         return True
 
-    assert yield_plan(YIELD_BUSY_CHECK / 2, overcommitted) == (False, 0.0)
+    assert yield_plan(YIELD_BUSY_CHECK / 2, 0.0, overcommitted) == (False, 0.0)
+    assert yield_plan(YIELD_BUSY_CHECK / 2, 10.0, overcommitted) == (False, 0.0)
     assert asked == []  # /proc is read only when the loop was busy
 
 
-def test_busy_loop_yields_and_sleeps_only_when_overcommitted() -> None:
+def test_bulk_work_yields_and_sleeps_only_when_overcommitted() -> None:
     busy = YIELD_BUSY_CHECK * 0.9
-    assert yield_plan(busy, lambda: False) == (True, 0.0)
-    assert yield_plan(busy, lambda: True) == (True, YIELD_OVERCOMMIT_SLEEP)
+    bulk = YIELD_OVERCOMMIT_AFTER
+    assert yield_plan(busy, bulk, lambda: False) == (True, 0.0)
+    assert yield_plan(busy, bulk, lambda: True) == (True, YIELD_OVERCOMMIT_SLEEP)
+
+
+def test_short_busy_spell_yields_without_sleeping_or_asking_about_the_host() -> None:
+    """Replication bursts (a few busy checks) must not pay a 3 ms sleep (issue 6: p99 lag)."""
+    asked: list[bool] = []
+
+    def overcommitted() -> bool:
+        asked.append(True)
+        return True
+
+    busy = YIELD_BUSY_CHECK * 0.9
+    for busy_for in (0.0, YIELD_BUSY_CHECK, YIELD_OVERCOMMIT_AFTER * 0.9):
+        assert yield_plan(busy, busy_for, overcommitted) == (True, 0.0)
+    assert asked == []
 
 
 def test_overcommit_reads_running_tasks_against_cpus(tmp_path: Path) -> None:
