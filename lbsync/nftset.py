@@ -53,11 +53,13 @@ NFTA_DATA_VALUE = 1
 
 IFNAMSIZ = 16
 MAX_ELEMS_PER_MSG = 1024
+HEADS_CACHE_MAX = 16  # key lists whose element attributes are kept (see _elem_heads)
 TABLE = "lbsync"
 
 _NLH = struct.Struct("=IHHII")
 _NFGEN = struct.Struct("=BBH")
 _NLA = struct.Struct("=HH")
+_TIMEOUT_ATTR_SIZE = _NLA.size + 8
 
 
 class NftSetError(OSError):
@@ -106,6 +108,7 @@ class NftSetSocket:
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         self._sock.bind((0, 0))
         self._seq = int.from_bytes(os.urandom(2), "big") << 8
+        self._heads: dict[tuple[tuple[bytes, ...], bool], tuple[bytes, ...]] = {}
         self.transactions = 0
         self.failures = 0
 
@@ -122,13 +125,31 @@ class NftSetSocket:
         self._seq = (self._seq + 1) & 0xFFFFFFFF
         return self._seq
 
+    def _elem_heads(self, keys: tuple[bytes, ...], timed: bool) -> tuple[bytes, ...]:
+        """Each element's attributes up to its timeout (which has a fixed size): the lease
+        refresh rewrites the same keys many times a second with only the timeout changing, and
+        building the attributes in Python was most of its cost. Bounded cache."""
+        ck = (keys, timed)
+        heads = self._heads.get(ck)
+        if heads is None:
+            extra = _TIMEOUT_ATTR_SIZE if timed else 0
+            heads = tuple(
+                _NLA.pack(_NLA.size + len(kattr) + extra, NFTA_LIST_ELEM | NLA_F_NESTED) + kattr
+                for k in keys
+                for kattr in (_attr(NFTA_SET_ELEM_KEY | NLA_F_NESTED,
+                                    _attr(NFTA_DATA_VALUE, k)),))
+            if len(self._heads) >= HEADS_CACHE_MAX:
+                self._heads.clear()
+            self._heads[ck] = heads
+        return heads
+
     def _elem_msg(self, op: ElementOp, seq: int, ack: bool) -> bytes:
-        timeout = (_attr(NFTA_SET_ELEM_TIMEOUT, struct.pack(">Q", op.timeout_ms))
-                   if op.timeout_ms else b"")
-        elems = b"".join(
-            _attr(NFTA_LIST_ELEM | NLA_F_NESTED,
-                  _attr(NFTA_SET_ELEM_KEY | NLA_F_NESTED, _attr(NFTA_DATA_VALUE, k)) + timeout)
-            for k in op.keys)
+        heads = self._elem_heads(op.keys, bool(op.timeout_ms))
+        if op.timeout_ms:
+            timeout = _attr(NFTA_SET_ELEM_TIMEOUT, struct.pack(">Q", op.timeout_ms))
+            elems = timeout.join(heads) + timeout
+        else:
+            elems = b"".join(heads)
         body = (_attr(NFTA_SET_ELEM_LIST_TABLE, self.table.encode() + b"\0")
                 + _attr(NFTA_SET_ELEM_LIST_SET, op.set_name.encode() + b"\0")
                 + _attr(NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED, elems))

@@ -81,7 +81,12 @@ from lbsync.replication.events import (
     RecordRefused,
     RecordsApplied,
 )
-from lbsync.replication.transport import ReplicationTransport, open_multicast, open_unicast
+from lbsync.replication.transport import (
+    CLOCK_GRAIN,
+    ReplicationTransport,
+    open_multicast,
+    open_unicast,
+)
 from lbsync.replication.wire import FlowDelete, FlowUpdate
 
 log = logging.getLogger(__name__)
@@ -241,6 +246,7 @@ class Node:
         self._kernel_work = asyncio.Event()
         self.transport: ReplicationTransport | None = None
         self._ms_timer: asyncio.TimerHandle | None = None
+        self._ms_timer_at = -math.inf
         self._kernel_owned: set[int] = set()
         self._lease_written = -math.inf
         self._last_tick = now
@@ -592,16 +598,27 @@ class Node:
         self._maybe_ready(now)
         if self.transport is not None:
             self.transport.pump()
-        when = self.ms.get_timer()
-        if self._ms_timer is not None:
-            self._ms_timer.cancel()
         # the lease refresh needs waking too: at most one heartbeat after now
-        when = min(when, now + self.ms.timing.heartbeat)
-        self._ms_timer = self.loop.call_at(max(when, now), self._membership_timer)
+        when = max(min(self.ms.get_timer(), now + self.ms.timing.heartbeat), now)
+        if self._ms_timer is not None:
+            if when == self._ms_timer_at:
+                return  # most heartbeats received leave the deadline (our next one) alone
+            self._ms_timer.cancel()
+        self._ms_timer = self.loop.call_at(when, self._membership_timer)
+        self._ms_timer_at = when
 
     def _membership_timer(self) -> None:
         self._ms_timer = None
-        self.ms.handle_timer(self.loop.time())
+        now = self.loop.time()
+        if now < self._ms_timer_at:
+            # uvloop's millisecond clock fires a third of the timers up to ~1 ms before their
+            # deadline. Evaluated then, nothing is due, and re-armed at the deadline the timer
+            # fires again at once until the clock ticks: 2-3 full membership evaluations per
+            # heartbeat sent. Come back one tick later instead (a heartbeat <= 1 ms late).
+            self._ms_timer = self.loop.call_later(CLOCK_GRAIN, self._membership_timer)
+            self.c["membership_timer_early"] += 1
+            return
+        self.ms.handle_timer(now)
         self._membership_changed()
 
     def _on_membership_event(self, ev: Any, now: float) -> None:
@@ -643,26 +660,35 @@ class Node:
         log.info("node.ready after=%.3f s", now - self.started)
 
     def _sync_kernel_owned(self, now: float) -> None:
-        """Make ``@owned`` equal ``forwarding(now)``, elements timed out at the lease."""
-        want = set(self.ms.forwarding(now))
+        """Make ``@owned`` equal ``forwarding(now)``, elements timed out at the lease.
+
+        The timeouts are rewritten once the lease has advanced by ``Timing.rewrite`` past
+        the written one (a quarter of T_fence; see there why that keeps a wide margin):
+        writing less often only makes the elements expire earlier, never later than a lease
+        a majority gave, so fencing is as strict as with a rewrite per echo."""
+        want = self.ms.forwarding(now)
         expiry = self.ms.lease_expiry()
-        gone = self._kernel_owned - want
+        kernel = self._kernel_owned
+        if want == kernel and (not want or expiry - self._lease_written
+                               <= self.ms.timing.rewrite):
+            return  # the common case: nothing to add, remove or re-time
+        gone = kernel - want
         try:
             if gone:
                 self.nft.update_marks(OWNED_SET, (), gone)
                 self.c["owned_removed"] += len(gone)
-            new = want - self._kernel_owned
-            stale = expiry - self._lease_written > self.ms.timing.heartbeat
+            new = want - kernel
+            stale = expiry - self._lease_written > self.ms.timing.rewrite
             if want and (new or stale):
                 self._write_owned(want, expiry, now)
         except NftSetError as exc:
             self.c["nft_errors"] += 1
             log.error("node.owned_sync_failed error=%s", exc)
             return
-        self._kernel_owned = want
+        self._kernel_owned = set(want)
 
     def _write_owned(self, buckets: Iterable[int], expiry: float, now: float) -> None:
-        keys = [mark_key(b) for b in buckets]
+        keys = [mark_key(b) for b in sorted(buckets)]  # one order: NftSetSocket caches by keys
         if math.isinf(expiry):
             self.nft.update_marks(OWNED_SET, buckets, ())
         else:
@@ -801,37 +827,51 @@ class Node:
             self._schedule_sweep()
 
     def _schedule_digests(self) -> None:
-        """Every owned bucket's digest goes out about once per DIGEST_INTERVAL. A callback
-        takes the next owned buckets round-robin, its share (1/DIGEST_SLICES of them) in one
-        go when their digests are cheap (the store's digests are incremental: a bucket costs
-        the entries changed since its last digest), so they share datagrams: one datagram per
-        bucket per second was ~40 % of an idle daemon's CPU (~20 ms/s at 32 owned buckets,
-        sent and received). After a burst a digest can hash a whole bucket (~1.5 us an entry;
-        100k entries in one callback stalled the loop ~0.1 s, three buckets of a 100k-entry
-        node 20-40 ms fenced the fast profile for a stall): a callback then stops at
-        DIGEST_WORK entries (at least one bucket) and the next comes after the old
-        one-bucket spacing, DIGEST_INTERVAL / len(owned)."""
+        """Every owned bucket's digest goes out about once per DIGEST_INTERVAL, in rounds: a
+        round takes the owned buckets in order, all in one callback when their digests are
+        cheap (the store's digests are incremental: a bucket costs the entries changed since
+        its last digest), so they share datagrams and wake-ups: one datagram per bucket per
+        second was ~40 % of an idle daemon's CPU (~20 ms/s at 32 owned buckets, sent and
+        received), and 1/DIGEST_SLICES of them every 1/DIGEST_SLICES s still 8 wake-ups a
+        second on every node and twice that on each peer. After a burst a digest can hash a
+        whole bucket (~1.5 us an entry; 100k entries in one callback stalled the loop ~0.1 s,
+        three buckets of a 100k-entry node 20-40 ms fenced the fast profile for a stall): a
+        callback then stops at DIGEST_WORK entries (at least one bucket) and the round goes on
+        after the one-bucket spacing, DIGEST_INTERVAL / len(owned). The next round starts a
+        DIGEST_INTERVAL after the previous one began."""
+        round_at = self.loop.time()
+
         def fire() -> None:
+            nonlocal round_at
             owned = sorted(self.owned)
+            now = self.loop.time()
+            if not owned:
+                self.loop.call_later(DIGEST_INTERVAL / DIGEST_SLICES, fire)
+                return
+            n = len(owned)
+            if self._digest_slice % n == 0:
+                round_at = now
+            left = n - self._digest_slice % n  # to the end of this round
             behind = False
-            if owned:
-                share = -(-len(owned) // DIGEST_SLICES)
-                picked: list[int] = []
-                work = 0
-                while len(picked) < share:
-                    b = owned[self._digest_slice % len(owned)]
-                    cost = self.store.digest_cost(b)
-                    if picked and work + cost > DIGEST_WORK:
-                        behind = True
-                        break
-                    picked.append(b)
-                    work += cost
-                    self._digest_slice += 1
-                self.ep.send_digests(picked, self.loop.time())
-                if self.transport is not None:
-                    self.transport.pump()
-            self.loop.call_later(DIGEST_INTERVAL / max(len(owned), DIGEST_SLICES) if behind
-                                 else DIGEST_INTERVAL / DIGEST_SLICES, fire)
+            picked: list[int] = []
+            work = 0
+            while len(picked) < left:
+                b = owned[self._digest_slice % n]
+                cost = self.store.digest_cost(b)
+                if picked and work + cost > DIGEST_WORK:
+                    behind = True
+                    break
+                picked.append(b)
+                work += cost
+                self._digest_slice += 1
+            self.ep.send_digests(picked, now)
+            # sealed now, not at the flush timer: no wake-up of its own
+            self.ep.flush(now)
+            if self.transport is not None:
+                self.transport.pump()
+            spacing = DIGEST_INTERVAL / max(n, DIGEST_SLICES)
+            self.loop.call_later(spacing if behind
+                                 else max(spacing, round_at + DIGEST_INTERVAL - now), fire)
 
         self.loop.call_later(DIGEST_INTERVAL / DIGEST_SLICES, fire)
 

@@ -412,6 +412,10 @@ class Membership:
         self._seq = 0
         self._sent: dict[int, tuple[float, float]] = {}
         self._min_lease_seq = 1
+        # lease_expiry() cached between changes of what it depends on (None: recompute). Every
+        # write of those inputs calls _leases_changed(); the sim harness checks the cache
+        # against a recomputation after every interaction.
+        self._lease: float | None = None
         self._next_hb = now
         self._send_now = True
         self._state = SelfState.FENCED
@@ -481,6 +485,17 @@ class Membership:
     def lease_expiry(self) -> float:
         """Instant at which this node loses majority backing unless new echoes arrive: the
         timeout to give ``@owned`` elements, so a hung daemon fences itself in the kernel."""
+        lease = self._lease
+        if lease is None:
+            lease = self._lease = self._lease_expiry_uncached()
+        return lease
+
+    def _leases_changed(self) -> None:
+        """An input of ``lease_expiry`` changed: the voters, this node's incarnation or
+        ``_min_lease_seq``, the send-time history, a peer's state or its last heartbeat."""
+        self._lease = None
+
+    def _lease_expiry_uncached(self) -> float:
         voters = self.voters
         need = _majority(len(voters)) - (1 if self.node_id in voters else 0)
         if need <= 0:
@@ -694,6 +709,7 @@ class Membership:
         self._c["stalls"] += 1
         # Only echoes of heartbeats sent after the stall back us again.
         self._min_lease_seq = self._seq + 1
+        self._leases_changed()
         if self._state is SelfState.FORWARDING:
             self._set_self(SelfInput.UNBACKED, "stall")
         self._send_now = True
@@ -725,6 +741,7 @@ class Membership:
         p.last_heard = now
         p.last_hb = hb
         p.reports = {r.node_id: r for r in hb.peers}
+        self._leases_changed()
         p.owned = owned
         self._track_reported_owner(hb.node_id, hb.incarnation, owned)
         if restarted:
@@ -754,6 +771,7 @@ class Membership:
             inp = PeerInput.HEARD
         before = p.state
         p.state = _PEER_TRANSITIONS[(p.state, inp)]
+        self._leases_changed()
         if before is PeerState.UNKNOWN or (before is PeerState.LOST
                                             and p.state is PeerState.ALIVE):
             self._view_id += 1
@@ -830,10 +848,9 @@ class Membership:
         return at + max(self.timing.fence, grace)
 
     def _backed(self, now: float) -> bool:
-        voters = self.voters
-        backers = (1 if self.node_id in voters else 0) + sum(
-            1 for v in self._peers if v in voters and self._lease_from(v) > now)
-        return backers >= _majority(len(voters))
+        # a strict majority of the voters (us included) backs us beyond now; lease_expiry()
+        # is the instant the need-th best peer lease runs out, so this is the same count
+        return self.lease_expiry() > now
 
     def _live_voters(self, now: float) -> list[_Peer]:
         return [p for p in self._peers.values()
@@ -908,6 +925,7 @@ class Membership:
 
     def _declare(self, p: _Peer, now: float, incarnation: int) -> None:
         p.state = _PEER_TRANSITIONS[(p.state, PeerInput.DECLARED)]
+        self._leases_changed()
         p.lost_incarnation = max(p.lost_incarnation, incarnation)
         self._lost_declared[p.node_id] = now
         self._view_id += 1
@@ -950,6 +968,7 @@ class Membership:
                 if fresh <= self.incarnation:
                     raise MembershipError("new_incarnation must return a higher incarnation")
                 self.incarnation = fresh
+                self._leases_changed()
                 self._c["releases"] += 1
                 self._send_now = True
                 self._events_put(OwnershipReleased(gone, v, fresh))
@@ -1112,6 +1131,7 @@ class Membership:
         if self._removed & members:
             self._removed -= members
             self._voters = tuple(n for n in self._all_voters if n not in self._removed)
+            self._leases_changed()
         while True:
             outside = [n for n in self.nodes if n not in members and n not in self._removed
                        and n != self.node_id]
@@ -1123,6 +1143,7 @@ class Membership:
                 return
             self._removed.add(gone[0])
             self._voters = tuple(n for n in self._all_voters if n not in self._removed)
+            self._leases_changed()
 
     def _maybe_rebuild(self) -> None:
         """A map with buckets no live member may own (every node of a chain lost) needs a new
@@ -1175,6 +1196,7 @@ class Membership:
         self._sent[self._seq] = (now, grace)
         if len(self._sent) > SENT_HISTORY:
             del self._sent[min(self._sent)]
+        self._leases_changed()
         reports = []
         for n, p in sorted(self._peers.items()):
             if p.state is PeerState.UNKNOWN:

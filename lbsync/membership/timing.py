@@ -65,6 +65,24 @@ class Timing:
     def stall(self) -> float:
         return self.fence / 2
 
+    @property
+    def rewrite(self) -> float:
+        """T_fence / 4: how far the lease must have advanced past the ``@owned`` timeouts last
+        written before the daemon rewrites them (one nf_tables batch of every owned bucket).
+
+        Safety does not depend on it: a written timeout is a lease a majority gave, and
+        writing less often only lets the elements expire earlier. It costs margin: echoes
+        arrive at least every T_hb + delays, so a backed node always holds a lease of at
+        least T_fence - 2 T_hb ahead, and the kernel elements at least T_fence - 2 T_hb -
+        T_fence / 4 = (0.75 miss - 3.5) T_hb: 70 ms in the default profile, 35 ms in the fast
+        one (a rewrite per T_hb of advance, before: 80 / 40 ms, and nothing at all with
+        miss_count 5, where this leaves T_hb / 4). Each echo advances the lease by about one
+        heartbeat interval, so this still rewrites at about every second heartbeat (~13
+        batches a second, measured); every third would need 0.4 T_fence and leave the default
+        profile 40 ms, less than the loop lag a loaded node is meant to survive (50 ms), so
+        the batch is made cheap instead (NftSetSocket caches the element attributes)."""
+        return self.fence / 4
+
     @classmethod
     def from_profile(cls, profile: str, heartbeat_ms: float = 50.0, miss_count: int = 6
                      ) -> Timing:

@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
 IP_MULTICAST_ALL = 49
+# uvloop's clock ticks in milliseconds: a timer may fire up to this much before its deadline,
+# which is then handled as due (as before the lazy re-arming), never re-armed in a spin
+CLOCK_GRAIN = 0.001
 
 
 class TransportError(OSError):
@@ -121,6 +124,8 @@ class TransportStatistics:
     datagrams_out: int
     send_errors: int
     timer_fires: int
+    early_fires: int = 0
+    """Timer wake-ups that found the deadline moved later and only re-armed."""
 
 
 class ReplicationTransport(asyncio.DatagramProtocol):
@@ -144,6 +149,7 @@ class ReplicationTransport(asyncio.DatagramProtocol):
         self.datagrams_out = 0
         self.send_errors = 0
         self.timer_fires = 0
+        self.early_fires = 0
         self.closed = loop.create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -180,12 +186,23 @@ class ReplicationTransport(asyncio.DatagramProtocol):
                     self.datagrams_out += 1
         while (event := ep.next_event()) is not None:
             self._on_event(event)
-        when = ep.get_timer()
-        if when != self._timer_at:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer = None if when is None else self._loop.call_at(when, self._fire)
-            self._timer_at = when
+        self._arm(ep.get_timer())
+
+    def _arm(self, when: float | None) -> None:
+        """Keep one loop timer at or before the endpoint's deadline.
+
+        A timer already armed earlier than ``when`` stays: most datagrams only push a deadline
+        later (a peer's silence deadline moves with every datagram it sends), and a cancel
+        plus ``call_at`` per datagram was a measurable share of an idle daemon's CPU. The early
+        timer then wakes the loop, finds nothing due and re-arms at the real deadline
+        (:meth:`_fire`), so nothing ever runs late."""
+        at = self._timer_at
+        if when == at or (when is not None and at is not None and at < when):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = None if when is None else self._loop.call_at(when, self._fire)
+        self._timer_at = when
 
     def flush_soon(self) -> None:
         """Seal the open datagram once the callbacks ready now have run, then pump.
@@ -207,8 +224,14 @@ class ReplicationTransport(asyncio.DatagramProtocol):
     def _fire(self) -> None:
         self._timer = None
         self._timer_at = None
+        now = self._loop.time()
+        when = self.endpoint.get_timer()
+        if when is not None and now < when - CLOCK_GRAIN:
+            self.early_fires += 1  # armed for an earlier deadline that has moved: re-arm
+            self._arm(when)
+            return
         self.timer_fires += 1
-        self.endpoint.handle_timer(self._loop.time())
+        self.endpoint.handle_timer(now)
         self.pump()
 
     def close(self) -> None:
@@ -217,7 +240,7 @@ class ReplicationTransport(asyncio.DatagramProtocol):
 
     def statistics(self) -> TransportStatistics:
         return TransportStatistics(self.datagrams_in, self.datagrams_out, self.send_errors,
-                                   self.timer_fires)
+                                   self.timer_fires, self.early_fires)
 
 
 async def open_multicast(endpoint: ReplicationEndpoint, *, group: str, port: int, ifname: str,

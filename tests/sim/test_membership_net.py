@@ -149,6 +149,8 @@ class Farm:
             self._transmit(node.node_id, dest, msg)
         # The daemon refreshes the @owned element timeouts to the lease after each interaction.
         node.kernel_expiry = core.lease_expiry()
+        # lease_expiry() is cached between changes of its inputs: never stale
+        assert node.kernel_expiry == core._lease_expiry_uncached(), "stale lease cache"
         node.timer_gen += 1
         gen = node.timer_gen
         at = max(core.get_timer(), self.now)

@@ -110,3 +110,44 @@ def test_flush_soon_seals_after_the_current_callbacks() -> None:
         sent, copies = runner.run(_flush_on_idle())
     assert sent == [1, 1]  # within one turn despite the flush delay; the burst shares one
     assert copies == 6
+
+
+class _ClockEndpoint:
+    """An endpoint stand-in with a settable deadline that records handle_timer calls."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline: float | None = deadline
+        self.handled: list[float] = []
+
+    def datagrams_to_send(self) -> list[bytes]:
+        return []
+
+    def next_event(self) -> None:
+        return None
+
+    def get_timer(self) -> float | None:
+        return self.deadline
+
+    def handle_timer(self, now: float) -> None:
+        self.handled.append(now)
+        self.deadline = None
+
+
+async def _moved_deadline() -> tuple[list[float], float, int, int]:
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    ep = _ClockEndpoint(t0 + 0.02)
+    tr = ReplicationTransport(ep, [], lambda _e: None, loop)  # type: ignore[arg-type]
+    tr.pump()                     # armed at t0 + 20 ms
+    ep.deadline = t0 + 0.08
+    tr.pump()                     # later: the armed timer stays (no cancel + call_at)
+    await asyncio.sleep(0.15)
+    return ep.handled, t0 + 0.08, tr.early_fires, tr.timer_fires
+
+
+def test_a_deadline_moved_later_keeps_the_armed_timer_and_never_runs_early() -> None:
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        handled, due, early, fires = runner.run(_moved_deadline())
+    assert early == 1                      # woke at the old deadline, only re-armed
+    assert fires == 1 and len(handled) == 1
+    assert handled[0] >= due - 0.001       # uvloop's millisecond clock
