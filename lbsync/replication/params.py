@@ -58,6 +58,10 @@ class ProtocolParams:
     # ``RepairState``, at most once per ``repair_quiet`` per gap. Only when no such datagram
     # left for ``nack_fallback`` (a node without heartbeats) does a NACK datagram ask again.
     nack_explicit: int = 1
+    # Only this many receivers of a stream, chosen per repair block by a rank every node
+    # computes alike, send that block's explicit NACKs (0: all): a bound on the NACK
+    # datagrams naming one gap that does not hang on hearing each other in time.
+    nack_designated: int = 2
     nack_fallback: float = 0.150
     # A gap just asked for (by us or by a receiver we heard) is not named again in a repair
     # state for this long: the sender's hold-off, so that the request can bring a new burst.

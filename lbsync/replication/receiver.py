@@ -84,6 +84,18 @@ from lbsync.replication.wire import (
 )
 
 
+def _rank(sender: int, first: int, node: int) -> int:
+    """A receiver's place among the receivers of ``sender``'s stream for the repair block at
+    ``first``: the same on every node (no ``hash()``), different per block (the duty
+    rotates), ties impossible (the node id is the low byte)."""
+    x = (sender * 0x9E3779B1 + ((first & U32) // fec.BLOCK) * 0x85EBCA77 + node * 0xC2B2AE3D) \
+        & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x2C1B3C6D) & 0xFFFFFFFF
+    x ^= x >> 12
+    return (x & 0xFFFFFF) << 8 | node
+
+
 def block_ranges(blocks: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
     """(first wire seq, count) runs of the seqs a ``RepairState``'s block masks name."""
     out: list[tuple[int, int]] = []
@@ -655,7 +667,8 @@ class Receiver:
             seqs = [s for s in range(first, first + block) if s in missing]
             gaps = [missing[s] for s in seqs]
             rounds = peer.explicit.get(first, 0)
-            if rounds < p.nack_explicit and first not in peer.heard:
+            if rounds < p.nack_explicit and first not in peer.heard \
+                    and self._designated(peer, first):
                 rounds += 1
                 peer.explicit[first] = rounds
                 last = rounds >= p.nack_explicit
@@ -692,6 +705,25 @@ class Receiver:
             self.control.append(Nack(peer.node, peer.incarnation, chunk))
             self.nack_messages += 1
         self.nacked_seqs += len(named)
+
+    def _designated(self, peer: _Peer, first: int) -> bool:
+        """Whether this node is one of the ``nack_designated`` receivers of ``peer``'s stream
+        allowed an explicit NACK for the block at ``first``: those with the lowest
+        :func:`_rank` among the nodes heard and not silent (every receiver computes the same
+        set once it has heard every other; a node it has not heard yet only makes it count
+        itself in too often). The others' requests ride on their heartbeats."""
+        k = self._p.nack_designated
+        if k <= 0:
+            return True
+        mine = _rank(peer.node, first, self.node_id)
+        lower = 0
+        for node, other in self._peers.items():
+            if node != peer.node and not other.silent \
+                    and _rank(peer.node, first, node) < mine:
+                lower += 1
+                if lower >= k:
+                    return False
+        return True
 
     def repair_state(self, now: float, room: int) -> list[bytes]:
         """``RepairState`` messages (encoded, at most ``room`` bytes in all) for a CONTROL

@@ -636,3 +636,36 @@ def test_resync_is_paced_and_never_delays_live_updates() -> None:
     done = a.statistics().sender.resync_records
     assert 1500 <= done <= 10_000 * 0.2 + params.resync_burst
     assert done - 50 <= b.store.count(0) <= done  # the last few are in the open datagram
+
+
+def test_only_the_designated_receivers_nack_a_block() -> None:
+    """Six receivers miss the same datagram and hear none of each other's NACKs: only
+    ``nack_designated`` of them (the same ones on every node, by a per-block rank) send a NACK
+    datagram for the block; the others ask in their heartbeats. So no gap is named by more
+    than that many NACK datagrams, however the timers fall."""
+    a = ep(1)
+    receivers = [ep(n) for n in range(2, 8)]
+    for r in receivers:  # everybody has heard everybody (heartbeats)
+        for other in receivers:
+            if other is not r:
+                other.send_membership(1, b"hb", 0.0)
+                for d in other.datagrams_to_send():
+                    r.datagram_received(d, 0.0)
+    ds = _one_block(a)
+    nackers = []
+    for r in receivers:
+        for i, d in enumerate(ds):
+            if i != 6:
+                r.datagram_received(d, 0.0)
+        sent: list[object] = []
+        now = 0.0
+        while now < 0.1:
+            t = r.get_timer()
+            assert t is not None
+            now = t
+            r.handle_timer(now)
+            sent.extend(control_messages(r.datagrams_to_send()))
+        if [m for m in sent if isinstance(m, Nack)]:
+            nackers.append(r.node_id)
+        assert [m for m in sent if isinstance(m, RepairState)]  # on its tail probes
+    assert len(nackers) == P.nack_designated, nackers
