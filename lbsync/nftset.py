@@ -9,8 +9,12 @@ returns and a transaction is atomic.
 
 Idioms (nftables 1.0.6 has no ``destroy element``):
 - remove an element that may be absent: NEWSETELEM then DELSETELEM in the same batch;
-- refresh an element's timeout (re-adding does not refresh it): NEW, DEL, NEW with the timeout,
-  which also re-creates an element that expired just before.
+- refresh an element's timeout: before Linux 6.10 re-adding an element does not touch its
+  timeout, so NEW, DEL, NEW with the timeout (which also re-creates an element that expired
+  just before); from 6.10 (commit 4201f3938914, "set element timeout update support") one NEW
+  with the timeout updates an existing element, in half the time. Which one holds is asked of
+  the kernel once, at the first refresh (:meth:`NftSetSocket.refresh`), not guessed from a
+  version string.
 
 Ruleset structure (tables, chains) stays with ``nft -f`` (lbsync.nft); only elements live here.
 """
@@ -54,6 +58,7 @@ NFTA_DATA_VALUE = 1
 IFNAMSIZ = 16
 MAX_ELEMS_PER_MSG = 1024
 HEADS_CACHE_MAX = 16  # key lists whose element attributes are kept (see _elem_heads)
+PROBE_MIN_MS = 20  # the timeout-update probe needs a timeout it can halve measurably
 TABLE = "lbsync"
 
 _NLH = struct.Struct("=IHHII")
@@ -111,6 +116,8 @@ class NftSetSocket:
         self._heads: dict[tuple[tuple[bytes, ...], bool], tuple[bytes, ...]] = {}
         self.transactions = 0
         self.failures = 0
+        self.timeout_update: bool | None = None
+        """Whether NEWSETELEM updates an existing element's timeout (None: not asked yet)."""
 
     def close(self) -> None:
         self._sock.close()
@@ -213,9 +220,31 @@ class NftSetSocket:
     def refresh(self, set_name: str, keys: Iterable[bytes], timeout_ms: int) -> None:
         """(Re)arm elements with a fresh timeout, atomically, whether they exist or expired."""
         ks = tuple(keys)
+        if self.timeout_update:
+            self.transaction([ElementOp(set_name, True, ks, timeout_ms)])
+            return
         self.transaction([ElementOp(set_name, True, ks, timeout_ms),
                           ElementOp(set_name, False, ks),
                           ElementOp(set_name, True, ks, timeout_ms)])
+        if self.timeout_update is None and ks:
+            self.timeout_update = self._probe_timeout_update(set_name, ks[0], timeout_ms)
+
+    def _probe_timeout_update(self, set_name: str, key: bytes, timeout_ms: int) -> bool | None:
+        """Does re-adding an element update its timeout? Asked once, on an element just armed
+        with ``timeout_ms``: it is re-added with half that timeout (safe either way: an element
+        may only end earlier) and the kernel's listing of it answers. None: cannot tell yet
+        (timeout too short to halve measurably, element gone); asked at a later refresh."""
+        shorter = timeout_ms // 2
+        if shorter < PROBE_MIN_MS:
+            return None
+        self.transaction([ElementOp(set_name, True, (key,), shorter)])
+        got = self.element_timeouts(set_name).get(key)
+        if got is None:
+            return None
+        updated = abs(got - shorter) < abs(got - timeout_ms)  # jiffies round the listing
+        if updated:  # back to the lease written a moment ago
+            self.transaction([ElementOp(set_name, True, (key,), timeout_ms)])
+        return updated
 
     def clear(self, set_name: str, keys: Iterable[bytes]) -> None:
         ks = tuple(keys)
@@ -223,29 +252,37 @@ class NftSetSocket:
 
     def elements(self, set_name: str) -> list[bytes]:
         """Keys of the set's live elements (expired ones are skipped by the kernel)."""
+        return [k for k, _t in self._dump(set_name)]
+
+    def _dump(self, set_name: str) -> list[tuple[bytes, int | None]]:
+        """(key, timeout ms or None) of the set's live elements."""
         seq = self._next_seq()
         body = (_attr(NFTA_SET_ELEM_LIST_TABLE, self.table.encode() + b"\0")
                 + _attr(NFTA_SET_ELEM_LIST_SET, set_name.encode() + b"\0"))
         self._sock.sendall(_msg((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM,
                                 NLM_F_REQUEST | NLM_F_DUMP, seq, NFPROTO_INET, 0, body))
-        keys: list[bytes] = []
+        elems: list[tuple[bytes, int | None]] = []
         while True:
             data = self._sock.recv(1 << 20)
             for mtype, _flags, mseq, payload in _split(data):
                 if mseq != seq:
                     continue
                 if mtype == NLMSG_DONE:
-                    return keys
+                    return elems
                 if mtype == NLMSG_ERROR:
                     (err,) = struct.unpack_from("=i", payload, 0)
                     if err < 0:
                         raise NftSetError(-err, f"cannot list set {set_name}: "
                                                 f"{os.strerror(-err)}")
                     continue
-                keys.extend(_elem_keys(payload[_NFGEN.size:]))
+                elems.extend(_elems(payload[_NFGEN.size:]))
 
     def marks(self, set_name: str) -> set[int]:
         return {struct.unpack("=I", k[:4])[0] for k in self.elements(set_name)}
+
+    def element_timeouts(self, set_name: str) -> dict[bytes, int]:
+        """Key -> timeout in ms of the set's live elements that have one."""
+        return {k: t for k, t in self._dump(set_name) if t is not None}
 
 
 def _split(data: bytes) -> Iterable[tuple[int, int, int, bytes]]:
@@ -268,17 +305,23 @@ def _attrs(buf: bytes) -> Iterable[tuple[int, bytes]]:
         off += (n + 3) & ~3
 
 
-def _elem_keys(body: bytes) -> list[bytes]:
-    keys: list[bytes] = []
+def _elems(body: bytes) -> list[tuple[bytes, int | None]]:
+    out: list[tuple[bytes, int | None]] = []
     for atype, val in _attrs(body):
         if atype != NFTA_SET_ELEM_LIST_ELEMENTS:
             continue
         for etype, elem in _attrs(val):
             if etype != NFTA_LIST_ELEM:
                 continue
+            key: bytes | None = None
+            timeout: int | None = None
             for ktype, kval in _attrs(elem):
                 if ktype == NFTA_SET_ELEM_KEY:
                     for dtype, dval in _attrs(kval):
                         if dtype == NFTA_DATA_VALUE:
-                            keys.append(dval)
-    return keys
+                            key = dval
+                elif ktype == NFTA_SET_ELEM_TIMEOUT and len(kval) == 8:
+                    (timeout,) = struct.unpack(">Q", kval)
+            if key is not None:
+                out.append((key, timeout))
+    return out

@@ -896,7 +896,7 @@ class Membership:
     def _maybe_declare(self, now: float) -> None:
         if self._state is SelfState.FENCED:
             return
-        live = self._live_voters(now)
+        live: list[_Peer] | None = None  # built only for a peer silent long enough here
         for p in self._peers.values():
             if p.state not in (PeerState.ALIVE, PeerState.LEAVING) or p.last_heard == -math.inf:
                 continue
@@ -904,6 +904,8 @@ class Membership:
             if now - p.last_heard < need or now < p.grace_until:
                 continue
             silent = True
+            if live is None:
+                live = self._live_voters(now)
             for v in live:
                 if v is p:
                     continue
@@ -1195,7 +1197,7 @@ class Membership:
         grace = self._grace_left(now)
         self._sent[self._seq] = (now, grace)
         if len(self._sent) > SENT_HISTORY:
-            del self._sent[min(self._sent)]
+            del self._sent[next(iter(self._sent))]  # seqs are inserted in increasing order
         self._leases_changed()
         reports = []
         for n, p in sorted(self._peers.items()):

@@ -175,6 +175,17 @@ def decode(obj: Any) -> MembershipMessage:
             raise MembershipWireError("unknown heartbeat flags")
         peers = []
         for i, p in enumerate(_list(f[13], "peers")):
+            # Every heartbeat carries a report per peer: the well-formed case is checked
+            # inline (exact types, the same bounds), anything else by the generic checks,
+            # which raise the same errors as before.
+            if type(p) is list and len(p) == 5:
+                n, inc, age, echo, lost = p
+                if (type(n) is int and 0 <= n <= MAX_NODE_ID and type(inc) is int
+                        and 0 <= inc <= MAX_U64 and type(age) is int and 0 <= age <= MAX_U32
+                        and type(echo) is int and 0 <= echo <= MAX_U64 and type(lost) is int
+                        and 0 <= lost <= MAX_U64):
+                    peers.append(PeerReport(n, inc, age, echo, lost))
+                    continue
             e = _list(p, f"peers[{i}]", 5)
             peers.append(PeerReport(
                 node_id=_node(e[0], "peer id"), incarnation=_int(e[1], "peer incarnation"),

@@ -75,3 +75,36 @@ def test_alive_timeout_refresh_and_expiry(netns: NetnsSet) -> None:
         print(json.dumps([seen, expired, back]))
     """)
     assert out == [[2] * 6, 0, 2]
+
+
+def test_refresh_asks_once_whether_a_new_timeout_updates_and_rearms_either_way(
+        netns: NetnsSet) -> None:
+    ns = netns.add("n")
+    netns.ns(ns, ["nft", "-f", "-"], input="""
+        table inet lbsync {
+          set owned { type mark; flags timeout; }
+        }
+    """)
+    out = _py(netns, ns, """
+        import json, time
+        from lbsync.nftset import NftSetSocket, mark_key
+        s = NftSetSocket()
+        keys = [mark_key(b) for b in (1, 5, 9)]
+        s.refresh("owned", keys, 4000)        # first refresh: NEW/DEL/NEW, then the probe
+        asked = s.timeout_update
+        t1 = sorted(s.element_timeouts("owned").values())
+        s.refresh("owned", keys, 9000)        # longer
+        t2 = sorted(s.element_timeouts("owned").values())
+        s.refresh("owned", keys, 300)         # shorter
+        t3 = sorted(s.element_timeouts("owned").values())
+        time.sleep(0.45)                      # expired
+        gone = len(s.elements("owned"))
+        s.refresh("owned", keys, 5000)        # re-armed after expiry, whichever idiom
+        back = sorted(s.marks("owned"))
+        print(json.dumps([asked, t1, t2, t3, gone, back]))
+    """)
+    asked, t1, t2, t3, gone, back = out  # type: ignore[misc]
+    assert asked in (True, False)            # answered at the first refresh
+    for got, want in ((t1, 4000), (t2, 9000), (t3, 300)):
+        assert all(abs(t - want) <= 10 for t in got) and len(got) == 3, (got, want)
+    assert gone == 0 and back == [1, 5, 9]

@@ -67,11 +67,25 @@ def test_map_request_and_offer_round_trip() -> None:
     lambda w: [*w[:10], 64, *w[11:]],                  # unknown flag
     lambda w: [*w[:13], [[1, 2, 3]]],                  # short peer report
     lambda w: [*w[:13], [[1, 2, 3, 4, 5]] * 300],      # too many peers
+    # peer reports: each field's type and bound (checked inline for well-formed lists)
+    lambda w: [*w[:13], [[256, 1, 1, 1, 0]]],          # peer id > 255
+    lambda w: [*w[:13], [[1, True, 1, 1, 0]]],         # bool incarnation
+    lambda w: [*w[:13], [[1, 1, -1, 1, 0]]],           # negative age
+    lambda w: [*w[:13], [[1, 1, 2**32, 1, 0]]],        # age beyond u32
+    lambda w: [*w[:13], [[1, 1, 1, 2**64, 0]]],        # echo beyond u64
+    lambda w: [*w[:13], [[1, 1, 1, 1, 1.0]]],          # float
+    lambda w: [*w[:13], [[1, 1, 1, 1, 0, 0]]],         # long peer report
 ])
 def test_malformed_heartbeats_raise_one_error(mutate: object) -> None:
     wire = _hb().to_wire()
     with pytest.raises(MembershipWireError):
         decode(mutate(wire))  # type: ignore[operator]
+
+
+def test_peer_reports_decode_alike_from_lists_and_tuples() -> None:
+    wire = _hb().to_wire()
+    as_tuples = [*wire[:13], [tuple(p) for p in wire[13]]]
+    assert decode(as_tuples) == decode(wire) == _hb()
 
 
 def test_malformed_map_offer_raises_wire_error() -> None:
