@@ -401,6 +401,10 @@ class Membership:
         self._voters = self._all_voters
         self.nbuckets = buckets
         self.timing = timing
+        # derived timings read on every call (Timing computes them per access)
+        self._t_stall = timing.stall
+        self._t_fence = timing.fence
+        self._t_dead = timing.dead
         self._rng = rng
         self._start = now
         self._last_call = now
@@ -701,7 +705,7 @@ class Membership:
     # -------------------------------------------------------------- internals: input
 
     def _tick(self, now: float) -> None:
-        if now - self._last_call > self.timing.stall:
+        if now - self._last_call > self._t_stall:
             self._stall(now)
         self._last_call = max(self._last_call, now)
 
@@ -845,7 +849,7 @@ class Membership:
         if sent is None:
             return -math.inf
         at, grace = sent
-        return at + max(self.timing.fence, grace)
+        return at + max(self._t_fence, grace)
 
     def _backed(self, now: float) -> bool:
         # a strict majority of the voters (us included) backs us beyond now; lease_expiry()
@@ -855,7 +859,7 @@ class Membership:
     def _live_voters(self, now: float) -> list[_Peer]:
         return [p for p in self._peers.values()
                 if p.state in (PeerState.ALIVE, PeerState.LEAVING)
-                and now - p.last_heard < self.timing.dead]
+                and now - p.last_heard < self._t_dead]
 
     def _following(self, p: _Peer) -> bool:
         """Rule 3b, second half: a live voter's report declares ``p``'s incarnation lost."""
@@ -871,8 +875,8 @@ class Membership:
     def _silence_needed(self, p: _Peer) -> float:
         """Rule 3's silence threshold for ``p``: T_dead, or T_fence under rule 3b."""
         if p.node_id in self._vrrp_dead or (self.vrrp and self._following(p)):
-            return self.timing.fence
-        return self.timing.dead
+            return self._t_fence
+        return self._t_dead
 
     def _declare_at(self, p: _Peer) -> float:
         """Earliest instant rule 3 can hold for ``p`` as far as times go."""
