@@ -433,11 +433,7 @@ class Receiver:
             for s in range(first, first + fec.BLOCK):
                 gap = missing.get(s)
                 if gap is not None:
-                    if gap.quiet < wait:
-                        gap.quiet = wait
-                    if gap.due < wait:
-                        gap.due = wait
-                        self._gaps_dirty = True
+                    self._defer(gap, wait)
 
     def _ordered(self, peer: _Peer, first: int) -> float:
         """Delay before asking for a block: the more we miss of it, the sooner, so that the
@@ -610,11 +606,17 @@ class Receiver:
             peer.heard.add(first)
             wait = now + self._p.repair_wait + self._ordered(peer, first)
             for gap in mine:
-                if gap.due < wait:
-                    gap.due = wait
-                if gap.quiet < wait:
-                    gap.quiet = wait
+                self._defer(gap, wait)
                 self.nacks_suppressed += 1
+
+    def _defer(self, gap: _Gap, wait: float) -> None:
+        """The gap's block is being repaired (a request or a parity heard): no request of ours
+        before ``wait``, and, once in repair states, the fallback NACK counts from then."""
+        if gap.quiet < wait:
+            gap.quiet = wait
+        due = wait + self._p.nack_fallback if gap.carried else wait
+        if gap.due < due:
+            gap.due = due
             self._gaps_dirty = True
 
     def _gone(self, peer: _Peer, m: Gone, now: float) -> None:
