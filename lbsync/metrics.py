@@ -70,6 +70,17 @@ SERIES: dict[str, str] = {
     "lbsync_replication_nacked_seqs_total": "counter: sequence numbers this node NACKed",
     "lbsync_replication_nacks_suppressed_total": "counter: NACKs not sent (another "
                                                  "receiver asked first)",
+    "lbsync_replication_repair_states_sent_total": "counter: repair states this node "
+                                                   "piggybacked on datagrams it sent anyway",
+    "lbsync_replication_repair_states_received_total": "counter: peers' repair states "
+                                                       "addressed to this node (answered "
+                                                       "like NACKs)",
+    "lbsync_replication_repair_states_heard_total": "counter: other receivers' repair "
+                                                    "states heard (suppression)",
+    "lbsync_replication_piggyback_bytes_total": "counter: bytes of repair states this node "
+                                                "piggybacked on its control datagrams",
+    "lbsync_replication_nack_fallbacks_total": "counter: NACK datagrams sent because no "
+                                               "datagram carried a repair state in time",
     "lbsync_replication_records_applied_total": "counter: peers' records applied to the "
                                                 "store",
     "lbsync_replication_gone_seqs_total": "counter: sequence numbers the sender no longer had",
@@ -208,6 +219,11 @@ class SnapshotCollector:
                 ("nacks_sent", rcv, "nack_messages"),
                 ("nacked_seqs", rcv, "nacked_seqs"),
                 ("nacks_suppressed", rcv, "nacks_suppressed"),
+                ("repair_states_sent", rcv, "repair_states_sent"),
+                ("repair_states_received", snd, "repair_states_received"),
+                ("repair_states_heard", rcv, "repair_states_heard"),
+                ("piggyback_bytes", snd, "piggyback_bytes"),
+                ("nack_fallbacks", rcv, "nack_fallbacks"),
                 ("records_applied", rcv, "records_applied"),
                 ("gone_seqs", rcv, "gone_seqs"),
                 ("resyncs_completed", rcv, "resyncs_completed")):
