@@ -392,22 +392,25 @@ class Node:
 
     def _replicate_events(self, events: list[CtEvent]) -> None:
         """Owned buckets' kernel events -> store and replication stream (one slice)."""
-        now = self.loop.time()
-        update, delete = self.ep.update_flow, self.ep.delete_flow
         owned, in_kernel, replicable = self.owned, self.in_kernel, _TCP_REPLICABLE
         skipped = 0
-        # tuple unpacking, not attribute reads: this loop runs once per kernel event
+        changes: list[tuple[int, bytes, bytes | None]] = []
+        change = changes.append
+        # tuple unpacking, not attribute reads: this loop runs once per kernel event; the
+        # slice's changes go to the sender in one call (ReplicationEndpoint.write_flows)
         for kind, key, bucket, l4proto, tcp_state, _st, record, _pid in events:
             if bucket not in owned:
                 continue
             if kind == KIND_DESTROY:
-                delete(bucket, key, now)
+                change((bucket, key, None))
                 in_kernel[bucket].discard(key)
             elif l4proto != IPPROTO_TCP or tcp_state in replicable:
-                update(bucket, key, record, now)
+                change((bucket, key, record))
                 in_kernel[bucket].add(key)
             else:
                 skipped += 1
+        if changes:
+            self.ep.write_flows(changes, self.loop.time())
         if skipped:
             self.c["owner_handshake_skipped"] += skipped
         self.c["owner_events"] += len(events)

@@ -100,6 +100,12 @@ class ReplicationEndpoint:
     def delete_flow(self, bucket: int, key: bytes, now: float) -> Outcome:
         return self.sender.delete(FLOW, bucket, key, now)
 
+    def write_flows(self, changes: Iterable[tuple[int, bytes, bytes | None]],
+                    now: float) -> int:
+        """``update_flow`` (record given) or ``delete_flow`` (record None) of each
+        ``(bucket, key, record)``, in order, in one call; the number of records queued."""
+        return self.sender.write(FLOW, changes, now)
+
     def update_expectation(self, bucket: int, key: bytes, record: bytes,
                            now: float) -> Outcome:
         return self.sender.update(EXPECTATION, bucket, key, record, now)

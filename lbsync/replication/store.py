@@ -48,6 +48,9 @@ class Outcome(IntEnum):
     FULL = 2  # insert refused: store at its bound
 
 
+_APPLIED, _STALE, _FULL = Outcome.APPLIED, Outcome.STALE, Outcome.FULL
+
+
 @dataclass(frozen=True, slots=True)
 class StoreStatistics:
     """Snapshot of a :class:`BucketStore`."""
@@ -166,16 +169,18 @@ class BucketStore:
 
     def put(self, kind: int, bucket: int, owner_epoch: int, key: bytes,
             record: bytes) -> Outcome:
-        if owner_epoch < self._epochs[bucket]:
+        # once per replicated record on every node: locals, one module-level outcome constant
+        epochs = self._epochs
+        if owner_epoch < epochs[bucket]:
             self.stale += 1
-            return Outcome.STALE
-        self._epochs[bucket] = owner_epoch
+            return _STALE
+        epochs[bucket] = owner_epoch
         table = self._tables[kind][bucket]
         old = table.get(key)
         if old is None:
             if self._entries >= self.max_entries:
                 self.refused_full += 1
-                return Outcome.FULL
+                return _FULL
             self._entries += 1
         table[key] = record
         changed = self._changed[kind][bucket]
@@ -184,13 +189,14 @@ class BucketStore:
             if len(changed) > _NOTES_SLACK + (len(table) >> 1):
                 self._changed[kind][bucket] = None
         self.applied += 1
-        return Outcome.APPLIED
+        return _APPLIED
 
     def delete(self, kind: int, bucket: int, owner_epoch: int, key: bytes) -> Outcome:
-        if owner_epoch < self._epochs[bucket]:
+        epochs = self._epochs
+        if owner_epoch < epochs[bucket]:
             self.stale += 1
-            return Outcome.STALE
-        self._epochs[bucket] = owner_epoch
+            return _STALE
+        epochs[bucket] = owner_epoch
         table = self._tables[kind][bucket]
         old = table.pop(key, None)
         if old is not None:
@@ -201,7 +207,7 @@ class BucketStore:
                 if len(changed) > _NOTES_SLACK + (len(table) >> 1):
                     self._changed[kind][bucket] = None
         self.applied += 1
-        return Outcome.APPLIED
+        return _APPLIED
 
     def purge(self, bucket: int, keep: Iterable[tuple[int, bytes]]) -> int:
         """Drop every entry of ``bucket`` not in ``keep``; the number dropped."""
