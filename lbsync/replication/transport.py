@@ -150,6 +150,9 @@ class ReplicationTransport(asyncio.DatagramProtocol):
         self.send_errors = 0
         self.timer_fires = 0
         self.early_fires = 0
+        self.delivering = 0
+        """Non-zero while :meth:`pump` delivers events: a handler that queued nothing new in
+        the endpoint need not pump again (this pump re-arms the timer when it returns)."""
         self.closed = loop.create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -184,8 +187,12 @@ class ReplicationTransport(asyncio.DatagramProtocol):
                 for dest in self.destinations:
                     tr.sendto(data, dest)
                     self.datagrams_out += 1
-        while (event := ep.next_event()) is not None:
-            self._on_event(event)
+        self.delivering += 1
+        try:
+            while (event := ep.next_event()) is not None:
+                self._on_event(event)
+        finally:
+            self.delivering -= 1
         self._arm(ep.get_timer())
 
     def _arm(self, when: float | None) -> None:
