@@ -675,9 +675,8 @@ class Node:
         """Make ``@owned`` equal ``forwarding(now)``, elements timed out at the lease.
 
         The timeouts are rewritten once the lease has advanced by ``Timing.rewrite`` past
-        the written one (a quarter of T_fence; see there why that keeps a wide margin):
-        writing less often only makes the elements expire earlier, never later than a lease
-        a majority gave, so fencing is as strict as with a rewrite per echo."""
+        the written one (T_hb / 2; see there why): writing less often would only make the
+        elements expire earlier, never later than a lease a majority gave."""
         want = self.ms.forwarding(now)
         expiry = self.ms.lease_expiry()
         kernel = self._kernel_owned

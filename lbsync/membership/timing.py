@@ -67,21 +67,22 @@ class Timing:
 
     @property
     def rewrite(self) -> float:
-        """T_fence / 4: how far the lease must have advanced past the ``@owned`` timeouts last
+        """T_hb / 2: how far the lease must have advanced past the ``@owned`` timeouts last
         written before the daemon rewrites them (one nf_tables batch of every owned bucket).
 
         Safety does not depend on it: a written timeout is a lease a majority gave, and
-        writing less often only lets the elements expire earlier. It costs margin: echoes
-        arrive at least every T_hb + delays, so a backed node always holds a lease of at
-        least T_fence - 2 T_hb ahead, and the kernel elements at least T_fence - 2 T_hb -
-        T_fence / 4 = (0.75 miss - 3.5) T_hb: 70 ms in the default profile, 35 ms in the fast
-        one (a rewrite per T_hb of advance, before: 80 / 40 ms, and nothing at all with
-        miss_count 5, where this leaves T_hb / 4). Each echo advances the lease by about one
-        heartbeat interval, so this still rewrites at about every second heartbeat (~13
-        batches a second, measured); every third would need 0.4 T_fence and leave the default
-        profile 40 ms, less than the loop lag a loaded node is meant to survive (50 ms), so
-        the batch is made cheap instead (NftSetSocket caches the element attributes)."""
-        return self.fence / 4
+        writing less often only lets the elements expire earlier. Availability does: on a
+        loaded node (every timer and delivery late by up to 50 ms in the default profile,
+        25 ms in the fast one, which membership tolerates without a fence) the lease runs
+        close to its end between echoes, and elements written too long ago expire while the
+        node is still backed: its buckets stop forwarding until the next echo. In the sim
+        (3 nodes, 2 % loss, 3 x 10 s at those loads; tests/sim/test_membership_failures.py)
+        T_fence / 4 left such gaps at 45 (default) and 159 (fast) instants, T_hb (before) at 3
+        and 26, T_hb / 2 at none. Each echo advances the lease by about one heartbeat interval,
+        so this rewrites at about every echo that advances it (~26 batches a second at idle
+        in the default profile, T_hb: ~13); the batch is cheap (one NEWSETELEM of cached
+        attributes where the kernel updates timeouts: ~25 us)."""
+        return self.heartbeat / 2
 
     @classmethod
     def from_profile(cls, profile: str, heartbeat_ms: float = 50.0, miss_count: int = 6

@@ -146,6 +146,23 @@ def test_loaded_nodes_raise_no_false_alarm(profile: str, load: float) -> None:
     assert farm.violations == []
 
 
+@pytest.mark.parametrize(("profile", "load"), [("default", 0.05), ("fast", 0.025)])
+@pytest.mark.parametrize("seed", [11, 12, 13])
+def test_loaded_nodes_keep_their_kernel_elements_alive_with_the_daemons_rewrite_rule(
+        profile: str, load: float, seed: int) -> None:
+    """The daemon rewrites the @owned timeouts only once the lease has moved Timing.rewrite
+    past them: at the loads membership tolerates, a backed node's elements never expire
+    (with T_hb as the threshold they did, a few times in 10 s; with T_fence / 4, often)."""
+    timing = Timing.from_profile(profile)
+    farm = _bootstrapped([1, 2, 3], profile, seed=seed, loss=0.02, rewrite=timing.rewrite)
+    farm.gaps.clear()
+    for node in farm.nodes.values():
+        node.load = load
+    farm.run_for(10.0)
+    assert farm.gaps == []
+    assert farm.violations == []
+
+
 def test_planned_restart_within_grace_moves_nothing() -> None:
     farm = _bootstrapped([1, 2, 3], seed=5)
     before = farm.forwarding_owner()

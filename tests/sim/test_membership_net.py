@@ -64,6 +64,9 @@ class SimNode:
     """Extra processing delay, uniform in [0, load], for every timer and delivery."""
     timer_gen: int = 0
     events: list[tuple[float, Event]] = field(default_factory=list)
+    written: float = -math.inf
+    """The lease last written as the elements' timeout (``Farm(rewrite=...)``)."""
+    written_owned: frozenset[int] = frozenset()
 
     def forwards(self, now: float) -> frozenset[int]:
         if not self.links_up or now >= self.kernel_expiry:
@@ -75,7 +78,7 @@ class Farm:
     def __init__(self, node_ids: list[int], *, timing: Timing, buckets: int = 32, seed: int = 1,
                  witness: int | None = None, loss: float = 0.0, delay: float = 0.0005,
                  delay_jitter: float = 0.001, safety_pass: float = 0.002,
-                 bootstrap: bool = True) -> None:
+                 bootstrap: bool = True, rewrite: float | None = None) -> None:
         self.now = 0.0
         self.rng = random.Random(seed)
         self.timing = timing
@@ -87,6 +90,12 @@ class Farm:
         self.delay_jitter = delay_jitter
         self.safety_pass = safety_pass
         self.bootstrap = bootstrap
+        # None: the kernel timeout follows the lease after every interaction; else the
+        # daemon's rule: rewritten when the owned set changed or the lease advanced past it
+        # by more than ``rewrite`` seconds (lbsync.node.Node._sync_kernel_owned)
+        self.rewrite = rewrite
+        self.gaps: list[tuple[float, int]] = []
+        """(time, node): a backed node owning buckets whose kernel elements had expired."""
         self.blocked: set[tuple[int, int]] = set()
         self.queue: list[tuple[float, int, Callable[[], None]]] = []
         self.counter = itertools.count()
@@ -148,9 +157,13 @@ class Farm:
         for dest, msg in core.datagrams_to_send():
             self._transmit(node.node_id, dest, msg)
         # The daemon refreshes the @owned element timeouts to the lease after each interaction.
-        node.kernel_expiry = core.lease_expiry()
+        lease = core.lease_expiry()
         # lease_expiry() is cached between changes of its inputs: never stale
-        assert node.kernel_expiry == core._lease_expiry_uncached(), "stale lease cache"
+        assert lease == core._lease_expiry_uncached(), "stale lease cache"
+        if (self.rewrite is None or node.kernel_owned != node.written_owned
+                or lease - node.written > self.rewrite):
+            node.kernel_expiry = node.written = lease
+            node.written_owned = node.kernel_owned
         node.timer_gen += 1
         gen = node.timer_gen
         at = max(core.get_timer(), self.now)
@@ -236,6 +249,11 @@ class Farm:
     # ---------------------------------------------------------------- invariants & queries
 
     def check(self) -> None:
+        for node in self.nodes.values():
+            core = node.core
+            if (node.daemon_alive and node.kernel_owned and not core.fenced
+                    and self.now < core.lease_expiry() and self.now >= node.kernel_expiry):
+                self.gaps.append((self.now, node.node_id))
         seen: dict[int, int] = {}
         union: frozenset[int] = frozenset()
         for node in self.nodes.values():
