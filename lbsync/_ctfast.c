@@ -18,6 +18,12 @@
  *  - create_batch(records, seq_start, ack_last, default_timeout, fallback) -> bytes: the batch
  *    encoder; records off the fast path are encoded by ``fallback(record, seq, ack)``.
  *  - standby_check(key, record) -> int | None: node._standby_check, or None (not decided here).
+ *  - decode_data(body, buckets, max_key, max_bin) -> list | None: the replication receiver's
+ *    lbsync.replication.wire.decode_body of a DATA body holding only flow updates and flow
+ *    deletes (FlowUpdate / FlowDelete instances, registered by set_message_types), or None.
+ *  - entry_hash, digest_sum, digest_delta: lbsync.replication.store's BLAKE2b-64 entry hash,
+ *    the sum of a table's, the incremental digest's change (BLAKE2b per RFC 7693), or None
+ *    for anything but bytes keys (< 64 KiB) and records.
  *
  * Every read is bounds-checked against the message/attribute end before it happens. The
  * msgpack reader accepts a strict subset of what msgpack.unpackb (with unpack_fields' limits)
@@ -1179,6 +1185,427 @@ static PyObject *py_set_event_type(PyObject *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+/* -- replication DATA bodies ------------------------------------------------------------- */
+
+/* The message classes decode_data builds (lbsync.replication.wire.FlowUpdate, FlowDelete:
+ * slotted frozen dataclasses) and their fields' slot descriptors, in field order. */
+static PyObject *flow_update_type = NULL, *flow_delete_type = NULL;
+static PyObject *update_slots[4], *delete_slots[3];
+
+/* a msgpack unsigned integer (positive fixint, uint 8..64); -1 = decline */
+static int mpw_uint(const uint8_t **pp, const uint8_t *end, uint64_t *out)
+{
+    const uint8_t *p = *pp;
+    if (p >= end)
+        return -1;
+    uint8_t c = *p++;
+    if (c < 0x80) {
+        *out = c;
+    } else if (c >= 0xcc && c <= 0xcf) {
+        Py_ssize_t need = (Py_ssize_t)1 << (c - 0xcc);
+        if (end - p < need)
+            return -1;
+        uint64_t u = 0;
+        for (Py_ssize_t i = 0; i < need; i++)
+            u = (u << 8) | p[i];
+        p += need;
+        *out = u;
+    } else {
+        return -1;
+    }
+    *pp = p;
+    return 0;
+}
+
+/* a msgpack bin (8, 16 or 32) of lo..hi bytes; -1 = decline */
+static int mpw_bin(const uint8_t **pp, const uint8_t *end, Py_ssize_t lo, Py_ssize_t hi,
+                   const uint8_t **data, Py_ssize_t *len)
+{
+    const uint8_t *p = *pp;
+    if (p >= end)
+        return -1;
+    uint8_t c = *p++;
+    Py_ssize_t n;
+    if (c == 0xc4) {
+        if (end - p < 1)
+            return -1;
+        n = *p++;
+    } else if (c == 0xc5) {
+        if (end - p < 2)
+            return -1;
+        n = (Py_ssize_t)rd_be16(p);
+        p += 2;
+    } else if (c == 0xc6) {
+        if (end - p < 4)
+            return -1;
+        n = (Py_ssize_t)rd_be32(p);
+        p += 4;
+    } else {
+        return -1;
+    }
+    if (n < lo || n > hi || end - p < n)
+        return -1;
+    *data = p;
+    *len = n;
+    *pp = p + n;
+    return 0;
+}
+
+/* an instance of a slotted class with its fields set through their slot descriptors (what
+ * the frozen dataclass's __init__ does through object.__setattr__); steals the values */
+static PyObject *new_message(PyObject *type, PyObject **slots, PyObject **values, int n)
+{
+    PyObject *obj = ((PyTypeObject *)type)->tp_alloc((PyTypeObject *)type, 0);
+    int i = 0;
+    if (obj != NULL) {
+        for (; i < n; i++) {
+            int rc = Py_TYPE(slots[i])->tp_descr_set(slots[i], obj, values[i]);
+            Py_DECREF(values[i]);
+            if (rc < 0) {
+                i++;
+                Py_CLEAR(obj);
+                break;
+            }
+        }
+    }
+    for (; i < n; i++)
+        Py_DECREF(values[i]);
+    return obj;
+}
+
+/* decode_data(body, buckets, max_key, max_bin) -> list | None: wire.decode_body of a DATA
+ * body made only of flow updates and flow deletes, or None (declined: anything else, and
+ * anything the Python decoder would reject). */
+static PyObject *py_decode_data(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyBytes_CheckExact(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "decode_data(body: bytes, buckets, max_key, max_bin)");
+        return NULL;
+    }
+    if (flow_update_type == NULL || flow_delete_type == NULL)
+        Py_RETURN_NONE;
+    Py_ssize_t buckets = PyLong_AsSsize_t(args[1]);
+    Py_ssize_t max_key = PyLong_AsSsize_t(args[2]);
+    Py_ssize_t max_bin = PyLong_AsSsize_t(args[3]);
+    if (PyErr_Occurred())
+        return NULL;
+    const uint8_t *p = (const uint8_t *)PyBytes_AS_STRING(args[0]);
+    const uint8_t *end = p + PyBytes_GET_SIZE(args[0]);
+    Py_ssize_t count;
+    if (p >= end)
+        Py_RETURN_NONE;
+    if ((*p & 0xf0) == 0x90) {
+        count = *p++ & 0x0f;
+    } else if (*p == 0xdc && end - p >= 3) {
+        count = (Py_ssize_t)rd_be16(p + 1);
+        p += 3;
+    } else {
+        Py_RETURN_NONE;
+    }
+    /* every message takes at least 5 bytes: a count the body cannot hold is declined */
+    if (count < 1 || count > (end - p) / 5 || count > max_bin)
+        Py_RETURN_NONE;
+    PyObject *out = PyList_New(count);
+    if (out == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (p + 2 > end || (p[0] != 0x95 && p[0] != 0x94) || p[1] != (p[0] == 0x95 ? 1 : 2))
+            goto decline;
+        int update = p[0] == 0x95;
+        p += 2;
+        uint64_t bucket, epoch;
+        const uint8_t *key, *rec = NULL;
+        Py_ssize_t klen, rlen = 0;
+        if (mpw_uint(&p, end, &bucket) < 0 || bucket >= (uint64_t)buckets
+                || mpw_uint(&p, end, &epoch) < 0 || epoch > 0xFFFFFFFFu
+                || mpw_bin(&p, end, 1, max_key < max_bin ? max_key : max_bin, &key, &klen) < 0)
+            goto decline;
+        if (update && mpw_bin(&p, end, 0, max_bin, &rec, &rlen) < 0)
+            goto decline;
+        PyObject *v[4];
+        v[0] = PyLong_FromUnsignedLongLong(bucket);
+        v[1] = PyLong_FromUnsignedLongLong(epoch);
+        v[2] = PyBytes_FromStringAndSize((const char *)key, klen);
+        v[3] = update ? PyBytes_FromStringAndSize((const char *)rec, rlen) : NULL;
+        int n = update ? 4 : 3;
+        for (int j = 0; j < n; j++) {
+            if (v[j] == NULL) {
+                for (int k = 0; k < n; k++)
+                    Py_XDECREF(v[k]);
+                Py_DECREF(out);
+                return NULL;
+            }
+        }
+        PyObject *m = update ? new_message(flow_update_type, update_slots, v, 4)
+                             : new_message(flow_delete_type, delete_slots, v, 3);
+        if (m == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, i, m);
+    }
+    if (p != end)
+        goto decline;
+    return out;
+decline:
+    Py_DECREF(out);  /* items not yet set are NULL: list dealloc skips them */
+    Py_RETURN_NONE;
+}
+
+static int load_slots(PyObject *type, const char *const *names, PyObject **slots, int n)
+{
+    for (int i = 0; i < n; i++) {
+        PyObject *d = PyObject_GetAttrString(type, names[i]);
+        if (d == NULL)
+            return -1;
+        if (Py_TYPE(d) != &PyMemberDescr_Type) {
+            Py_DECREF(d);
+            PyErr_Format(PyExc_TypeError, "%s is not a slot", names[i]);
+            return -1;
+        }
+        Py_XSETREF(slots[i], d);
+    }
+    return 0;
+}
+
+/* set_message_types(FlowUpdate, FlowDelete): the classes decode_data builds */
+static PyObject *py_set_message_types(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    static const char *const update_names[] = {"bucket", "owner_epoch", "key", "record"};
+    if (nargs != 2 || !PyType_Check(args[0]) || !PyType_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "set_message_types(FlowUpdate, FlowDelete)");
+        return NULL;
+    }
+    if (load_slots(args[0], update_names, update_slots, 4) < 0
+            || load_slots(args[1], update_names, delete_slots, 3) < 0)
+        return NULL;
+    Py_INCREF(args[0]);
+    Py_XSETREF(flow_update_type, args[0]);
+    Py_INCREF(args[1]);
+    Py_XSETREF(flow_delete_type, args[1]);
+    Py_RETURN_NONE;
+}
+
+/* -- store digests: BLAKE2b-64 entry hashes (RFC 7693) ----------------------------------- */
+
+static const uint64_t B2B_IV[8] = {
+    0x6a09e667f3bcc908ULL, 0xbb67ae8584caa73bULL, 0x3c6ef372fe94f82bULL,
+    0xa54ff53a5f1d36f1ULL, 0x510e527fade682d1ULL, 0x9b05688c2b3e6c1fULL,
+    0x1f83d9abfb41bd6bULL, 0x5be0cd19137e2179ULL,
+};
+
+static const uint8_t B2B_SIGMA[12][16] = {
+    {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15},
+    {14, 10, 4, 8, 9, 15, 13, 6, 1, 12, 0, 2, 11, 7, 5, 3},
+    {11, 8, 12, 0, 5, 2, 15, 13, 10, 14, 3, 6, 7, 1, 9, 4},
+    {7, 9, 3, 1, 13, 12, 11, 14, 2, 6, 5, 10, 4, 0, 15, 8},
+    {9, 0, 5, 7, 2, 4, 10, 15, 14, 1, 11, 12, 6, 8, 3, 13},
+    {2, 12, 6, 10, 0, 11, 8, 3, 4, 13, 7, 5, 15, 14, 1, 9},
+    {12, 5, 1, 15, 14, 13, 4, 10, 0, 7, 6, 3, 9, 2, 8, 11},
+    {13, 11, 7, 14, 12, 1, 3, 9, 5, 0, 15, 4, 8, 6, 2, 10},
+    {6, 15, 14, 9, 11, 3, 0, 8, 12, 2, 13, 7, 1, 4, 10, 5},
+    {10, 2, 8, 4, 7, 6, 1, 5, 15, 11, 9, 14, 3, 12, 13, 0},
+    {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15},
+    {14, 10, 4, 8, 9, 15, 13, 6, 1, 12, 0, 2, 11, 7, 5, 3},
+};
+
+#define ROTR64(x, n) (((x) >> (n)) | ((x) << (64 - (n))))
+#define B2B_G(a, b, c, d, x, y)                 \
+    do {                                        \
+        v[a] = v[a] + v[b] + (x);               \
+        v[d] = ROTR64(v[d] ^ v[a], 32);         \
+        v[c] = v[c] + v[d];                     \
+        v[b] = ROTR64(v[b] ^ v[c], 24);         \
+        v[a] = v[a] + v[b] + (y);               \
+        v[d] = ROTR64(v[d] ^ v[a], 16);         \
+        v[c] = v[c] + v[d];                     \
+        v[b] = ROTR64(v[b] ^ v[c], 63);         \
+    } while (0)
+
+static void b2b_compress(uint64_t h[8], const uint8_t block[128], uint64_t t, int last)
+{
+    uint64_t v[16], m[16];
+    for (int i = 0; i < 8; i++) {
+        v[i] = h[i];
+        v[i + 8] = B2B_IV[i];
+    }
+    v[12] ^= t;  /* the high word of the counter stays 0: inputs are far below 2**64 bytes */
+    if (last)
+        v[14] = ~v[14];
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    memcpy(m, block, 128);
+#else
+    for (int i = 0; i < 16; i++) {
+        uint64_t w = 0;
+        for (int j = 7; j >= 0; j--)
+            w = (w << 8) | block[8 * i + j];
+        m[i] = w;
+    }
+#endif
+    /* the rounds written out: constant message indices keep m[] and v[] in registers */
+#define B2B_ROUND(r)                                                            \
+    do {                                                                        \
+        B2B_G(0, 4, 8, 12, m[B2B_SIGMA[r][0]], m[B2B_SIGMA[r][1]]);             \
+        B2B_G(1, 5, 9, 13, m[B2B_SIGMA[r][2]], m[B2B_SIGMA[r][3]]);             \
+        B2B_G(2, 6, 10, 14, m[B2B_SIGMA[r][4]], m[B2B_SIGMA[r][5]]);            \
+        B2B_G(3, 7, 11, 15, m[B2B_SIGMA[r][6]], m[B2B_SIGMA[r][7]]);            \
+        B2B_G(0, 5, 10, 15, m[B2B_SIGMA[r][8]], m[B2B_SIGMA[r][9]]);            \
+        B2B_G(1, 6, 11, 12, m[B2B_SIGMA[r][10]], m[B2B_SIGMA[r][11]]);          \
+        B2B_G(2, 7, 8, 13, m[B2B_SIGMA[r][12]], m[B2B_SIGMA[r][13]]);           \
+        B2B_G(3, 4, 9, 14, m[B2B_SIGMA[r][14]], m[B2B_SIGMA[r][15]]);           \
+    } while (0)
+    B2B_ROUND(0);
+    B2B_ROUND(1);
+    B2B_ROUND(2);
+    B2B_ROUND(3);
+    B2B_ROUND(4);
+    B2B_ROUND(5);
+    B2B_ROUND(6);
+    B2B_ROUND(7);
+    B2B_ROUND(8);
+    B2B_ROUND(9);
+    B2B_ROUND(10);
+    B2B_ROUND(11);
+#undef B2B_ROUND
+    for (int i = 0; i < 8; i++)
+        h[i] ^= v[i] ^ v[i + 8];
+}
+
+/* store.entry_hash: BLAKE2b with an 8-byte digest (no key, salt or personalisation) over
+ * kind (u8), len(key) (u16 big endian), key, record; the digest read big endian */
+static uint64_t entry_hash64(uint8_t kind, const uint8_t *key, Py_ssize_t klen,
+                             const uint8_t *rec, Py_ssize_t rlen)
+{
+    uint64_t h[8];
+    memcpy(h, B2B_IV, sizeof h);
+    h[0] ^= 0x01010000ULL ^ 8;  /* depth 1, fanout 1, no key, digest length 8 */
+    uint8_t block[128];
+    size_t fill = 3;
+    uint64_t t = 0;
+    block[0] = kind;
+    block[1] = (uint8_t)(klen >> 8);
+    block[2] = (uint8_t)klen;
+    const uint8_t *parts[2] = {key, rec};
+    Py_ssize_t lens[2] = {klen, rlen};
+    for (int k = 0; k < 2; k++) {
+        const uint8_t *p = parts[k];
+        Py_ssize_t n = lens[k];
+        while (n > 0) {
+            if (fill == 128) {  /* a full block with more to come: not the last one */
+                t += 128;
+                b2b_compress(h, block, t, 0);
+                fill = 0;
+            }
+            size_t take = 128 - fill;
+            if ((Py_ssize_t)take > n)
+                take = (size_t)n;
+            memcpy(block + fill, p, take);
+            fill += take;
+            p += take;
+            n -= (Py_ssize_t)take;
+        }
+    }
+    t += fill;
+    memset(block + fill, 0, 128 - fill);
+    b2b_compress(h, block, t, 1);
+    uint64_t out = 0;  /* the first 8 digest bytes (h[0] little endian), read big endian */
+    for (int i = 0; i < 8; i++)
+        out = (out << 8) | ((h[0] >> (8 * i)) & 0xFF);
+    return out;
+}
+
+static int entry_args(PyObject *key, PyObject *rec)
+{
+    return PyBytes_CheckExact(key) && PyBytes_CheckExact(rec) && PyBytes_GET_SIZE(key) < 65536;
+}
+
+#define ENTRY_HASH(kind, key, rec)                                                       \
+    entry_hash64((kind), (const uint8_t *)PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key), \
+                 (const uint8_t *)PyBytes_AS_STRING(rec), PyBytes_GET_SIZE(rec))
+
+/* entry_hash(kind, key, record) -> int | None */
+static PyObject *py_entry_hash(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "entry_hash(kind, key, record)");
+        return NULL;
+    }
+    long kind = PyLong_AsLong(args[0]);
+    if (kind == -1 && PyErr_Occurred())
+        return NULL;
+    if (kind < 0 || kind > 255 || !entry_args(args[1], args[2]))
+        Py_RETURN_NONE;
+    return PyLong_FromUnsignedLongLong(ENTRY_HASH((uint8_t)kind, args[1], args[2]));
+}
+
+/* digest_sum(kind, table) -> int | None: the sum mod 2**64 of entry_hash over a store
+ * table's (key, record) items */
+static PyObject *py_digest_sum(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyDict_CheckExact(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "digest_sum(kind, table: dict)");
+        return NULL;
+    }
+    long kind = PyLong_AsLong(args[0]);
+    if (kind == -1 && PyErr_Occurred())
+        return NULL;
+    if (kind < 0 || kind > 255)
+        Py_RETURN_NONE;
+    uint64_t total = 0;
+    Py_ssize_t pos = 0;
+    PyObject *key, *rec;
+    while (PyDict_Next(args[1], &pos, &key, &rec)) {
+        if (!entry_args(key, rec))
+            Py_RETURN_NONE;
+        total += ENTRY_HASH((uint8_t)kind, key, rec);
+    }
+    return PyLong_FromUnsignedLongLong(total);
+}
+
+/* digest_delta(kind, changed, table) -> int | None: for each key -> old record (None:
+ * absent) of ``changed`` whose record in ``table`` differs, the new summand minus the old,
+ * summed mod 2**64 (the store's incremental digest) */
+static PyObject *py_digest_delta(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyDict_CheckExact(args[1]) || !PyDict_CheckExact(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "digest_delta(kind, changed: dict, table: dict)");
+        return NULL;
+    }
+    long kind = PyLong_AsLong(args[0]);
+    if (kind == -1 && PyErr_Occurred())
+        return NULL;
+    if (kind < 0 || kind > 255)
+        Py_RETURN_NONE;
+    uint64_t total = 0;
+    Py_ssize_t pos = 0;
+    PyObject *key, *old;
+    while (PyDict_Next(args[1], &pos, &key, &old)) {
+        if (!PyBytes_CheckExact(key))
+            Py_RETURN_NONE;
+        PyObject *new = PyDict_GetItemWithError(args[2], key);  /* borrowed */
+        if (new == NULL && PyErr_Occurred())
+            return NULL;
+        if (new == old)
+            continue;
+        if (old != Py_None && new != NULL && PyBytes_CheckExact(old) && PyBytes_CheckExact(new)
+                && PyBytes_GET_SIZE(old) == PyBytes_GET_SIZE(new)
+                && memcmp(PyBytes_AS_STRING(old), PyBytes_AS_STRING(new),
+                          (size_t)PyBytes_GET_SIZE(old)) == 0)
+            continue;  /* equal records: no change */
+        if (old != Py_None) {
+            if (!entry_args(key, old))
+                Py_RETURN_NONE;
+            total -= ENTRY_HASH((uint8_t)kind, key, old);
+        }
+        if (new != NULL) {
+            if (!entry_args(key, new))
+                Py_RETURN_NONE;
+            total += ENTRY_HASH((uint8_t)kind, key, new);
+        }
+    }
+    return PyLong_FromUnsignedLongLong(total);
+}
+
 static PyMethodDef methods[] = {
     {"decode_ct", (PyCFunction)(void (*)(void))py_decode_ct, METH_FASTCALL,
      "decode_ct(buf, pos, dump, events) -> offset of the first message not decoded"},
@@ -1191,6 +1618,16 @@ static PyMethodDef methods[] = {
     {"standby_check", (PyCFunction)(void (*)(void))py_standby_check, METH_FASTCALL,
      "standby_check(key, record) -> 0 | 1 | 2 | None"},
     {"set_event_type", py_set_event_type, METH_O, "set_event_type(CtEvent)"},
+    {"decode_data", (PyCFunction)(void (*)(void))py_decode_data, METH_FASTCALL,
+     "decode_data(body, buckets, max_key, max_bin) -> list | None"},
+    {"entry_hash", (PyCFunction)(void (*)(void))py_entry_hash, METH_FASTCALL,
+     "entry_hash(kind, key, record) -> int | None"},
+    {"digest_sum", (PyCFunction)(void (*)(void))py_digest_sum, METH_FASTCALL,
+     "digest_sum(kind, table) -> int | None"},
+    {"digest_delta", (PyCFunction)(void (*)(void))py_digest_delta, METH_FASTCALL,
+     "digest_delta(kind, changed, table) -> int | None"},
+    {"set_message_types", (PyCFunction)(void (*)(void))py_set_message_types, METH_FASTCALL,
+     "set_message_types(FlowUpdate, FlowDelete)"},
     {NULL, NULL, 0, NULL},
 };
 
