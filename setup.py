@@ -9,5 +9,6 @@ from setuptools import Extension, setup
 
 setup(ext_modules=[Extension(
     "lbsync._ctfast", ["lbsync/_ctfast.c"],
+    libraries=["b2"],  # BLAKE2b for the store digests (Debian libb2-dev)
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
     optional=True)])

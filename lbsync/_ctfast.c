@@ -22,7 +22,7 @@
  *    lbsync.replication.wire.decode_body of a DATA body holding only flow updates and flow
  *    deletes (FlowUpdate / FlowDelete instances, registered by set_message_types), or None.
  *  - entry_hash, digest_sum, digest_delta: lbsync.replication.store's BLAKE2b-64 entry hash,
- *    the sum of a table's, the incremental digest's change (BLAKE2b per RFC 7693), or None
+ *    the sum of a table's, the incremental digest's change (BLAKE2b from libb2), or None
  *    for anything but bytes keys (< 64 KiB) and records.
  *
  * Every read is bounds-checked against the message/attribute end before it happens. The
@@ -31,6 +31,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <blake2.h>
 #include <errno.h>
 #include <stdint.h>
 #include <string.h>
@@ -1386,131 +1387,26 @@ static PyObject *py_set_message_types(PyObject *self, PyObject *const *args, Py_
     Py_RETURN_NONE;
 }
 
-/* -- store digests: BLAKE2b-64 entry hashes (RFC 7693) ----------------------------------- */
-
-static const uint64_t B2B_IV[8] = {
-    0x6a09e667f3bcc908ULL, 0xbb67ae8584caa73bULL, 0x3c6ef372fe94f82bULL,
-    0xa54ff53a5f1d36f1ULL, 0x510e527fade682d1ULL, 0x9b05688c2b3e6c1fULL,
-    0x1f83d9abfb41bd6bULL, 0x5be0cd19137e2179ULL,
-};
-
-static const uint8_t B2B_SIGMA[12][16] = {
-    {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15},
-    {14, 10, 4, 8, 9, 15, 13, 6, 1, 12, 0, 2, 11, 7, 5, 3},
-    {11, 8, 12, 0, 5, 2, 15, 13, 10, 14, 3, 6, 7, 1, 9, 4},
-    {7, 9, 3, 1, 13, 12, 11, 14, 2, 6, 5, 10, 4, 0, 15, 8},
-    {9, 0, 5, 7, 2, 4, 10, 15, 14, 1, 11, 12, 6, 8, 3, 13},
-    {2, 12, 6, 10, 0, 11, 8, 3, 4, 13, 7, 5, 15, 14, 1, 9},
-    {12, 5, 1, 15, 14, 13, 4, 10, 0, 7, 6, 3, 9, 2, 8, 11},
-    {13, 11, 7, 14, 12, 1, 3, 9, 5, 0, 15, 4, 8, 6, 2, 10},
-    {6, 15, 14, 9, 11, 3, 0, 8, 12, 2, 13, 7, 1, 4, 10, 5},
-    {10, 2, 8, 4, 7, 6, 1, 5, 15, 11, 9, 14, 3, 12, 13, 0},
-    {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15},
-    {14, 10, 4, 8, 9, 15, 13, 6, 1, 12, 0, 2, 11, 7, 5, 3},
-};
-
-#define ROTR64(x, n) (((x) >> (n)) | ((x) << (64 - (n))))
-#define B2B_G(a, b, c, d, x, y)                 \
-    do {                                        \
-        v[a] = v[a] + v[b] + (x);               \
-        v[d] = ROTR64(v[d] ^ v[a], 32);         \
-        v[c] = v[c] + v[d];                     \
-        v[b] = ROTR64(v[b] ^ v[c], 24);         \
-        v[a] = v[a] + v[b] + (y);               \
-        v[d] = ROTR64(v[d] ^ v[a], 16);         \
-        v[c] = v[c] + v[d];                     \
-        v[b] = ROTR64(v[b] ^ v[c], 63);         \
-    } while (0)
-
-static void b2b_compress(uint64_t h[8], const uint8_t block[128], uint64_t t, int last)
-{
-    uint64_t v[16], m[16];
-    for (int i = 0; i < 8; i++) {
-        v[i] = h[i];
-        v[i + 8] = B2B_IV[i];
-    }
-    v[12] ^= t;  /* the high word of the counter stays 0: inputs are far below 2**64 bytes */
-    if (last)
-        v[14] = ~v[14];
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-    memcpy(m, block, 128);
-#else
-    for (int i = 0; i < 16; i++) {
-        uint64_t w = 0;
-        for (int j = 7; j >= 0; j--)
-            w = (w << 8) | block[8 * i + j];
-        m[i] = w;
-    }
-#endif
-    /* the rounds written out: constant message indices keep m[] and v[] in registers */
-#define B2B_ROUND(r)                                                            \
-    do {                                                                        \
-        B2B_G(0, 4, 8, 12, m[B2B_SIGMA[r][0]], m[B2B_SIGMA[r][1]]);             \
-        B2B_G(1, 5, 9, 13, m[B2B_SIGMA[r][2]], m[B2B_SIGMA[r][3]]);             \
-        B2B_G(2, 6, 10, 14, m[B2B_SIGMA[r][4]], m[B2B_SIGMA[r][5]]);            \
-        B2B_G(3, 7, 11, 15, m[B2B_SIGMA[r][6]], m[B2B_SIGMA[r][7]]);            \
-        B2B_G(0, 5, 10, 15, m[B2B_SIGMA[r][8]], m[B2B_SIGMA[r][9]]);            \
-        B2B_G(1, 6, 11, 12, m[B2B_SIGMA[r][10]], m[B2B_SIGMA[r][11]]);          \
-        B2B_G(2, 7, 8, 13, m[B2B_SIGMA[r][12]], m[B2B_SIGMA[r][13]]);           \
-        B2B_G(3, 4, 9, 14, m[B2B_SIGMA[r][14]], m[B2B_SIGMA[r][15]]);           \
-    } while (0)
-    B2B_ROUND(0);
-    B2B_ROUND(1);
-    B2B_ROUND(2);
-    B2B_ROUND(3);
-    B2B_ROUND(4);
-    B2B_ROUND(5);
-    B2B_ROUND(6);
-    B2B_ROUND(7);
-    B2B_ROUND(8);
-    B2B_ROUND(9);
-    B2B_ROUND(10);
-    B2B_ROUND(11);
-#undef B2B_ROUND
-    for (int i = 0; i < 8; i++)
-        h[i] ^= v[i] ^ v[i + 8];
-}
+/* -- store digests: BLAKE2b-64 entry hashes ------------------------------------------------
+ * BLAKE2b from libb2 (the BLAKE2 authors' library, Debian libb2-dev): a well-kept
+ * implementation with runtime SIMD dispatch, rather than our own compression function. */
 
 /* store.entry_hash: BLAKE2b with an 8-byte digest (no key, salt or personalisation) over
  * kind (u8), len(key) (u16 big endian), key, record; the digest read big endian */
 static uint64_t entry_hash64(uint8_t kind, const uint8_t *key, Py_ssize_t klen,
                              const uint8_t *rec, Py_ssize_t rlen)
 {
-    uint64_t h[8];
-    memcpy(h, B2B_IV, sizeof h);
-    h[0] ^= 0x01010000ULL ^ 8;  /* depth 1, fanout 1, no key, digest length 8 */
-    uint8_t block[128];
-    size_t fill = 3;
-    uint64_t t = 0;
-    block[0] = kind;
-    block[1] = (uint8_t)(klen >> 8);
-    block[2] = (uint8_t)klen;
-    const uint8_t *parts[2] = {key, rec};
-    Py_ssize_t lens[2] = {klen, rlen};
-    for (int k = 0; k < 2; k++) {
-        const uint8_t *p = parts[k];
-        Py_ssize_t n = lens[k];
-        while (n > 0) {
-            if (fill == 128) {  /* a full block with more to come: not the last one */
-                t += 128;
-                b2b_compress(h, block, t, 0);
-                fill = 0;
-            }
-            size_t take = 128 - fill;
-            if ((Py_ssize_t)take > n)
-                take = (size_t)n;
-            memcpy(block + fill, p, take);
-            fill += take;
-            p += take;
-            n -= (Py_ssize_t)take;
-        }
-    }
-    t += fill;
-    memset(block + fill, 0, 128 - fill);
-    b2b_compress(h, block, t, 1);
-    uint64_t out = 0;  /* the first 8 digest bytes (h[0] little endian), read big endian */
+    blake2b_state st;
+    uint8_t prefix[3] = {kind, (uint8_t)(klen >> 8), (uint8_t)klen};
+    uint8_t digest[8];
+    blake2b_init(&st, 8);
+    blake2b_update(&st, prefix, 3);
+    blake2b_update(&st, key, (size_t)klen);
+    blake2b_update(&st, rec, (size_t)rlen);
+    blake2b_final(&st, digest, 8);
+    uint64_t out = 0;
     for (int i = 0; i < 8; i++)
-        out = (out << 8) | ((h[0] >> (8 * i)) & 0xFF);
+        out = (out << 8) | digest[i];
     return out;
 }
 
