@@ -411,11 +411,18 @@ class Sender:
         named: dict[int, int] = {}  # repair block (first seq) -> seqs of it named
         plain: list[int] = []
         block = fec.BLOCK
+        spans: list[tuple[int, int]] = []
         for wire_start, count in ranges:
             start = max(unwrap(wire_start, self._seq), FIRST_SEQ)
             stop = min(start + count, self._seq)
-            if start >= stop:
-                continue
+            if start < stop:
+                spans.append((start, stop))
+        if spans:
+            low = min(start for start, _stop in spans)
+            if low < self._oldest and self._seq - low > self._p.reorder_datagrams:
+                self._catch_up(low, now)
+                return
+        for start, stop in spans:
             if start < self._oldest:
                 gstop = min(stop, self._oldest)
                 gone.append((start, gstop - start))
@@ -442,6 +449,22 @@ class Sender:
             buckets = None if gone_buckets is None else tuple(sorted(gone_buckets))
             self.queue_control(Gone(tuple(gone), buckets))
             self.enqueue_resync(self._owned if buckets is None else buckets, None, 0, now)
+
+    def _catch_up(self, low: int, now: float) -> None:
+        """A receiver asks for ``low``, older than the history, and we have sent more than its
+        reorder window past it: it holds nothing from ``low + reorder_datagrams`` on (dropped
+        as overflow or lost). Repaired a window per round, the rest would leave the history
+        meanwhile, each ``Gone`` resync pushing it out faster: a chase that need not end. So
+        ``Gone`` names everything up to our position and the buckets of all of it (evicted
+        or still held) are resynced; the receiver continues from our next datagram."""
+        acc = self._gone_buckets_of(low, self._oldest, set())
+        if acc is not None:
+            for seq in range(self._oldest, self._seq):
+                acc.update(self._history_buckets[seq])
+        self.gone_answered += 1
+        buckets = None if acc is None else tuple(sorted(acc))
+        self.queue_control(Gone(((low & U32, self._seq - low),), buckets))
+        self.enqueue_resync(self._owned if buckets is None else buckets, None, 0, now)
 
     def _repair_block(self, first: int, n: int, now: float) -> bool:
         """Answer a NACK naming ``n`` datagrams of the block starting at ``first`` with

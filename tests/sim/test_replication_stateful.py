@@ -80,3 +80,24 @@ class ReplicationMachine(RuleBasedStateMachine):
 ReplicationMachine.TestCase.settings = settings(
     settings(), stateful_step_count=30, deadline=None)
 test_replication_state_machine = ReplicationMachine.TestCase
+
+
+def test_receiver_behind_the_history_catches_up() -> None:
+    """Found with a non-derandomized profile. Node 1, cut off, first hears node 3 after the
+    heal, while its stream is still short: it fetches it from seq 1, but the resync answers
+    evict those datagrams before its NACKs arrive. Each ``Gone`` named only the reorder window
+    NACKed, and the resync it started pushed as many datagrams past the history again: node 1
+    chased the history for ever and bucket 5 never converged. ``Gone`` now names everything
+    up to the sender's position when it is further past the gap than a reorder window."""
+    m = ReplicationMachine()
+    m.start(seed=8)
+    m.isolate(node=1)
+    m.send(bucket=5, burst=29, key=0, size=153)
+    for _ in range(4):
+        m.isolate(node=1)
+    m.isolate(node=3)
+    m.send(bucket=0, burst=1, key=0, size=0)
+    m.send(bucket=2, burst=6, key=0, size=10)
+    m.send(bucket=2, burst=20, key=0, size=159)
+    m.teardown()
+    assert m.checks == 1
