@@ -21,6 +21,8 @@
  *  - decode_data(body, buckets, max_key, max_bin) -> list | None: the replication receiver's
  *    lbsync.replication.wire.decode_body of a DATA body holding only flow updates and flow
  *    deletes (FlowUpdate / FlowDelete instances, registered by set_message_types), or None.
+ *  - keys_of_dump(buf, marks, keys) -> (done, interrupted) | None: the owner sweep's keys-only
+ *    dump decoder (lbsync.kernel.conntrack.keys_of_dump), or None (the Python one runs).
  *  - entry_hash, digest_sum, digest_delta: lbsync.replication.store's BLAKE2b-64 entry hash,
  *    the sum of a table's, the incremental digest's change (BLAKE2b from libb2), or None
  *    for anything but bytes keys (< 64 KiB) and records.
@@ -1502,6 +1504,106 @@ static PyObject *py_digest_delta(PyObject *self, PyObject *const *args, Py_ssize
     return PyLong_FromUnsignedLongLong(total);
 }
 
+/* -- the owner sweep's keys-only dump decoder ------------------------------------------- */
+
+#define NLMSG_ERROR_ 2
+#define NLMSG_DONE_ 3
+#define NLM_F_DUMP_INTR_ 0x10
+#define CT_NEW_ 0x100
+
+/* keys_of_dump(buf, marks, keys) -> (done, interrupted) | None: lbsync.kernel.conntrack's
+ * keys_of_dump (adds to the set ``keys`` the key of every CT_NEW entry whose mark is in
+ * ``marks``). None for anything the Python function would raise on (malformed, a tuple it
+ * cannot read, an NLMSG_ERROR with an error) or a CTA_MARK/CTA_ZONE of an odd size: the
+ * caller then runs the Python function on the same buffer (adding the same keys again to a
+ * set is harmless). */
+static PyObject *py_keys_of_dump(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyBytes_CheckExact(args[0]) || !PySet_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "keys_of_dump(buf: bytes, marks, keys: set)");
+        return NULL;
+    }
+    const uint8_t *b = (const uint8_t *)PyBytes_AS_STRING(args[0]);
+    Py_ssize_t n = PyBytes_GET_SIZE(args[0]), pos = 0;
+    PyObject *marks = args[1], *keys = args[2];
+    int done = 0, interrupted = 0;
+    while (pos < n) {
+        if (n - pos < 16)
+            Py_RETURN_NONE;
+        Py_ssize_t mlen = (Py_ssize_t)rd_u32n(b + pos);
+        uint16_t mtype = rd_u16n(b + pos + 4), mflags = rd_u16n(b + pos + 6);
+        if (mlen < 16 || mlen > n - pos)
+            Py_RETURN_NONE;
+        Py_ssize_t end = pos + mlen;
+        if (mflags & NLM_F_DUMP_INTR_)
+            interrupted = 1;
+        if (mtype == CT_NEW_) {
+            if (mlen < 20)
+                Py_RETURN_NONE;
+            int family = b[pos + 16];
+            Py_ssize_t orig = -1, orig_end = 0, p = pos + 20;
+            uint32_t mark = 0, zone = 0;
+            while (p < end) {
+                if (end - p < 4)
+                    Py_RETURN_NONE;
+                Py_ssize_t alen = rd_u16n(b + p);
+                int atype = rd_u16n(b + p + 2) & NLA_TYPE_MASK;
+                if (alen < 4 || p + alen > end)
+                    Py_RETURN_NONE;
+                if (atype == 1) {
+                    orig = p + 4;
+                    orig_end = p + alen;
+                } else if (atype == 8) {
+                    if (alen != 8)
+                        Py_RETURN_NONE;
+                    mark = rd_be32(b + p + 4);
+                } else if (atype == 18) {
+                    if (alen != 6)
+                        Py_RETURN_NONE;
+                    zone = rd_be16(b + p + 4);
+                }
+                p += (alen + 3) & ~(Py_ssize_t)3;
+            }
+            if (orig < 0)
+                Py_RETURN_NONE;
+            PyObject *m = PyLong_FromUnsignedLong(mark);
+            if (m == NULL)
+                return NULL;
+            int in = PySequence_Contains(marks, m);
+            Py_DECREF(m);
+            if (in < 0)
+                return NULL;
+            if (in) {
+                ctuple t;
+                if (parse_tuple(b, orig, orig_end, &t) < 0)
+                    Py_RETURN_NONE;
+                PyObject *key = PyBytes_FromStringAndSize(NULL, 8 + 2 * t.slen);
+                if (key == NULL)
+                    return NULL;
+                uint8_t *k = (uint8_t *)PyBytes_AS_STRING(key);
+                k[0] = (uint8_t)family;
+                k[1] = (uint8_t)t.l4;
+                put_be16(k + 2, zone);
+                put_be16(k + 4, t.sport);
+                put_be16(k + 6, t.dport);
+                memcpy(k + 8, t.src, (size_t)t.slen);
+                memcpy(k + 8 + t.slen, t.dst, (size_t)t.slen);
+                int rc = PySet_Add(keys, key);
+                Py_DECREF(key);
+                if (rc < 0)
+                    return NULL;
+            }
+        } else if (mtype == NLMSG_DONE_) {
+            done = 1;
+        } else if (mtype == NLMSG_ERROR_) {
+            if (mlen < 20 || rd_u32n(b + pos + 16) != 0)
+                Py_RETURN_NONE;  /* the Python function raises (truncated, or KernelError) */
+        }
+        pos += (mlen + 3) & ~(Py_ssize_t)3;
+    }
+    return Py_BuildValue("(OO)", done ? Py_True : Py_False, interrupted ? Py_True : Py_False);
+}
+
 static PyMethodDef methods[] = {
     {"decode_ct", (PyCFunction)(void (*)(void))py_decode_ct, METH_FASTCALL,
      "decode_ct(buf, pos, dump, events) -> offset of the first message not decoded"},
@@ -1522,6 +1624,8 @@ static PyMethodDef methods[] = {
      "digest_sum(kind, table) -> int | None"},
     {"digest_delta", (PyCFunction)(void (*)(void))py_digest_delta, METH_FASTCALL,
      "digest_delta(kind, changed, table) -> int | None"},
+    {"keys_of_dump", (PyCFunction)(void (*)(void))py_keys_of_dump, METH_FASTCALL,
+     "keys_of_dump(buf, marks, keys) -> (done, interrupted) | None"},
     {"set_message_types", (PyCFunction)(void (*)(void))py_set_message_types, METH_FASTCALL,
      "set_message_types(FlowUpdate, FlowDelete)"},
     {NULL, NULL, 0, NULL},

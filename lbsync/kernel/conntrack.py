@@ -125,6 +125,12 @@ def keys_of_dump(buf: bytes, marks: Container[int], keys: set[bytes]) -> tuple[b
     Keys are exactly those of :class:`~lbsync.kernel.ctnetlink.CtEvent`. Raises
     :class:`~lbsync.kernel.ctnetlink.CodecError` on a malformed buffer and
     :class:`KernelError` when the kernel refused the dump."""
+    c_keys = ctnetlink._c_keys_of_dump  # the C accelerator, when built (docs/kernel.md)
+    if c_keys is not None:
+        res = c_keys(buf, marks, keys)
+        if res is not None:
+            return res
+        # declined (malformed, a kernel error, an odd attribute): the Python code decides
     nlh = _NLMSG.unpack_from
     nla = _NLA.unpack_from
     u32 = _U32BE.unpack_from

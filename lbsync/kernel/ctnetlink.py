@@ -253,6 +253,9 @@ _c_create: Callable[[bytes, int, int, int], bytes | None] | None = (
 _c_recv_events: Callable[[int, bytearray, int, list[CtEvent]],
                          tuple[int, int, bytes | None]] | None = (
     None if _ctfast is None else _ctfast.recv_events)
+# lbsync.kernel.conntrack.keys_of_dump (the owner sweep's keys-only decoder), or None
+_c_keys_of_dump: Callable[[bytes, Any, set[bytes]], tuple[bool, bool] | None] | None = (
+    None if _ctfast is None else _ctfast.keys_of_dump)
 # lbsync.node._standby_check's verdict on a packed record, or None (left to the Python code)
 _c_standby_check: Callable[[bytes, bytes], int | None] | None = (
     None if _ctfast is None else _ctfast.standby_check)
