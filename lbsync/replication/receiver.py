@@ -622,8 +622,11 @@ class Receiver:
     def _gone(self, peer: _Peer, m: Gone, now: float) -> None:
         skipped = 0
         for wire_start, count in m.ranges:
-            start = max(unwrap(wire_start, peer.next), peer.next)
-            stop = min(start + count, peer.end)
+            origin = unwrap(wire_start, peer.next)
+            # Count from the range's own start: clipped to ``next`` first, it would skip
+            # datagrams past the range (not gone, and their buckets not resynced).
+            start = max(origin, peer.next)
+            stop = min(origin + count, peer.end)
             if start >= stop:
                 continue
             if start == peer.next:

@@ -87,8 +87,11 @@ def test_receiver_behind_the_history_catches_up() -> None:
     heal, while its stream is still short: it fetches it from seq 1, but the resync answers
     evict those datagrams before its NACKs arrive. Each ``Gone`` named only the reorder window
     NACKed, and the resync it started pushed as many datagrams past the history again: node 1
-    chased the history for ever and bucket 5 never converged. ``Gone`` now names everything
-    up to the sender's position when it is further past the gap than a reorder window."""
+    chased the history (12 rounds here), and a receiver past a ``Gone`` range's start counted
+    it from its own position, skipping datagrams not gone (a resync answer's records: bucket 5
+    one record short for good). Either fix alone passes this example; ``Gone`` now names
+    everything up to the sender's position when it is further past the gap than a reorder
+    window, and receivers count a range from its own start."""
     m = ReplicationMachine()
     m.start(seed=8)
     m.isolate(node=1)
@@ -99,5 +102,30 @@ def test_receiver_behind_the_history_catches_up() -> None:
     m.send(bucket=0, burst=1, key=0, size=0)
     m.send(bucket=2, burst=6, key=0, size=10)
     m.send(bucket=2, burst=20, key=0, size=159)
+    m.teardown()
+    assert m.checks == 1
+
+
+def test_other_receivers_skip_only_what_gone_names() -> None:
+    """Found with a non-derandomized profile once ``Gone`` could name up to the sender's
+    position: node 3, already past that range's start, counted it from its own position and
+    skipped the resync answer that followed it (bucket 1 short of 5 records)."""
+    m = ReplicationMachine()
+    m.start(seed=0)
+    m.delete(bucket=0, key=0)
+    m.send(bucket=1, burst=18, key=0, size=98)
+    for _ in range(5):
+        m.delete(bucket=0, key=0)
+    m.delete(bucket=1, key=0)
+    m.send(bucket=0, burst=1, key=1, size=93)
+    m.send(bucket=0, burst=18, key=7, size=104)
+    m.send(bucket=0, burst=7, key=0, size=38)
+    m.send(bucket=1, burst=9, key=0, size=49)
+    m.send(bucket=4, burst=28, key=0, size=175)
+    m.send(bucket=1, burst=20, key=0, size=106)
+    m.delete(bucket=0, key=0)
+    m.delete(bucket=0, key=0)
+    m.delete(bucket=1, key=0)
+    m.send(bucket=1, burst=25, key=0, size=91)
     m.teardown()
     assert m.checks == 1

@@ -30,6 +30,7 @@ from lbsync.replication.wire import (
     MAC_LEN,
     TYPE_CONTROL,
     FlowUpdate,
+    Gone,
     Limits,
     LocalProtocolError,
     Membership,
@@ -669,3 +670,54 @@ def test_only_the_designated_receivers_nack_a_block() -> None:
             nackers.append(r.node_id)
         assert [m for m in sent if isinstance(m, RepairState)]  # on its tail probes
     assert len(nackers) == P.nack_designated, nackers
+
+
+def test_gone_is_counted_from_its_own_start_not_from_where_the_receiver_is() -> None:
+    """A receiver already past the start of a ``Gone`` range skips only the rest of the range:
+    counted from its own position, it skipped datagrams that were not gone (found by the
+    stateful test: a resync answer skipped, records lost)."""
+    a, b = ep(1), ep(2)
+    a.claim(0, 1, 0.0, announce=False)
+    for i in range(6):
+        a.update_flow(0, b"k%d" % i, b"v", 0.0)
+        a.flush(0.0)
+    ds = a.datagrams_to_send()
+    for d in ds[:4]:  # seqs 1..4 delivered; 5 and 6 only buffered behind a gap
+        b.datagram_received(d, 0.0)
+    b.datagram_received(ds[5], 0.0)
+    assert b.receiver.peer_position(1) == (1, 5, 1)
+    a.sender.queue_control(Gone(((3, 3),), (0,)))  # seqs 3..5: b lacks only 5
+    a.sender.flush_control(0.0)
+    for d in a.datagrams_to_send():
+        b.datagram_received(d, 0.0)
+    assert b.receiver.peer_position(1) == (1, 7, 0)  # 5 skipped, 6 delivered, not skipped
+    assert b.store.get(FLOW, 0, b"k5") == b"v"
+    assert b.statistics().receiver.gone_seqs == 1
+
+
+def test_nack_from_a_receiver_a_window_behind_the_history_skips_it_to_the_present() -> None:
+    """Older than the history and more than a reorder window behind: one ``Gone`` up to the
+    sender's position, with the buckets of all of it; within a window: only the range named."""
+    params = ProtocolParams(buckets=8, history_datagrams=3, reorder_datagrams=4)
+    a = ep(1, params)
+    for bucket in range(8):
+        a.claim(bucket, 1, 0.0, announce=False)
+    for bucket in range(8):
+        a.update_flow(bucket, b"k", b"v", 0.0)
+        a.flush(0.0)
+    a.datagrams_to_send()  # seqs 1..8, one bucket each; the history holds 6..8
+    a.sender.on_nack(1, ((5, 1),), 0.0)  # next seq 9 - 5 <= 4: the range named
+    a.sender.flush_control(0.0)
+    gone = [m for m in control_messages(a.datagrams_to_send()) if isinstance(m, Gone)]
+    assert gone == [Gone(((5, 1),), (4,))]
+    a2 = ep(1, params)
+    for bucket in range(8):
+        a2.claim(bucket, 1, 0.0, announce=False)
+    for bucket in range(8):
+        a2.update_flow(bucket, b"k", b"v", 0.0)
+        a2.flush(0.0)
+    a2.datagrams_to_send()
+    a2.sender.on_nack(1, ((2, 2),), 0.0)  # 9 - 2 > 4: everything up to seq 8
+    a2.sender.flush_control(0.0)
+    gone = [m for m in control_messages(a2.datagrams_to_send()) if isinstance(m, Gone)]
+    assert gone == [Gone(((2, 7),), (1, 2, 3, 4, 5, 6, 7))]
