@@ -11,7 +11,8 @@ Rules:
   retransmissions (each sequence number at most once per ``retransmit_holdoff``).
   A NACKed number that left the history is answered with ``Gone``,
   naming the buckets the lost datagrams touched (remembered for ``gone_memory`` datagrams),
-  and those buckets are resynced.
+  and those buckets are resynced; from a receiver more than ``reorder_datagrams`` behind us,
+  up to our position (:meth:`Sender._catch_up`).
 - Resync answers are streamed in the same sequenced stream (begin marker, updates read from
   the store at emission time, end marker with the digest), paced by a token bucket of
   ``resync_rate`` records/s and always appended after the live messages already queued, so
