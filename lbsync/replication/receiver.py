@@ -216,7 +216,10 @@ class Receiver:
                               max_key=params.max_key)
         self._peers: dict[int, _Peer] = {}
         self._requests: list[_Request] = []
-        self._token = 0
+        # Resync request tokens: a random start, not 0. A peer's ResyncDone names the requester
+        # by node id and token only; counted from 0 again after a restart, our new life's first
+        # request would be taken as done by the answer to our former life's first request.
+        self._token = rng.getrandbits(32)
         self._open: dict[int, _OpenResync] = {}
         self._nack_slot = now  # no NACK datagram before this (one per nack_interval)
         self._gaps_due: float | None = None
