@@ -236,37 +236,11 @@ class Sender:
 
     def update(self, kind: int, bucket: int, key: bytes, record: bytes, now: float) -> Outcome:
         """Store and queue a flow (``kind`` FLOW) or expectation update of an owned bucket."""
-        epoch = self._owned.get(bucket)
-        if epoch is None:
-            raise LocalProtocolError(f"bucket {bucket} is not owned by node {self.node_id}")
-        if not 1 <= len(key) <= self._p.max_key:
-            raise LocalProtocolError("key length out of range")
-        part = self._packer.pack([_UPDATE_KIND[kind], bucket, epoch, key, record])
-        if len(part) > self._budget:
-            raise LocalProtocolError(f"record of {len(record)} bytes does not fit a datagram")
-        outcome = self._store.put(kind, bucket, epoch, key, record)
-        if outcome is Outcome.APPLIED:
-            self._append(part, bucket, now)
-            self.records_sent += 1
-        elif outcome is Outcome.STALE:
-            self.stale_local += 1
-        return outcome
+        return self._write(kind, ((bucket, key, record),), now)[1]
 
     def delete(self, kind: int, bucket: int, key: bytes, now: float) -> Outcome:
         """Remove and queue the delete of a flow or expectation of an owned bucket."""
-        epoch = self._owned.get(bucket)
-        if epoch is None:
-            raise LocalProtocolError(f"bucket {bucket} is not owned by node {self.node_id}")
-        if not 1 <= len(key) <= self._p.max_key:
-            raise LocalProtocolError("key length out of range")
-        outcome = self._store.delete(kind, bucket, epoch, key)
-        if outcome is Outcome.APPLIED:
-            self._append(self._packer.pack([_DELETE_KIND[kind], bucket, epoch, key]), bucket,
-                         now)
-            self.records_sent += 1
-        else:
-            self.stale_local += 1
-        return outcome
+        return self._write(kind, ((bucket, key, None),), now)[1]
 
     def write(self, kind: int, changes: Iterable[tuple[int, bytes, bytes | None]],
               now: float) -> int:
@@ -277,12 +251,19 @@ class Sender:
 
         The owner's kernel events arrive in slices of up to thousands: one loop with its
         lookups hoisted, instead of four nested calls per record (1.6 -> 1.1 us offline)."""
+        return self._write(kind, changes, now)[0]
+
+    def _write(self, kind: int, changes: Iterable[tuple[int, bytes, bytes | None]],
+               now: float) -> tuple[int, Outcome]:
+        """:meth:`write`'s loop (also :meth:`update` and :meth:`delete`, one change each):
+        the number of records queued and the last change's outcome."""
         owned, store, max_key = self._owned, self._store, self._p.max_key
         put, remove, pack = store.put, store.delete, self._packer.pack
         ukind, dkind = _UPDATE_KIND[kind], _DELETE_KIND[kind]
         budget, applied, stale = self._budget, Outcome.APPLIED, Outcome.STALE
         parts, buckets, size = self._parts, self._buckets, self._size
         n = 0
+        outcome = stale
         try:
             for bucket, key, record in changes:
                 epoch = owned.get(bucket)
@@ -318,7 +299,7 @@ class Sender:
         finally:
             self._size = size
             self.records_sent += n
-        return n
+        return n, outcome
 
     def queue_digests(self, buckets: Iterable[int], now: float) -> int:
         """Queue in-stream digests of owned buckets; the number queued."""
