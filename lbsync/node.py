@@ -592,21 +592,17 @@ class Node:
         if gap > self.ms.timing.stall:
             self.ms.loop_stalled(gap, now)
         self._last_tick = now
-        touched = False  # the endpoint got something to send or do
         while (ev := self.ms.next_event()) is not None:
             self._on_membership_event(ev, now)
-            touched = True
         for _dest, msg in self.ms.datagrams_to_send():
             payload = msgpack.packb(msg.to_wire(), use_bin_type=True)
             self.ep.send_membership(MEMBERSHIP_SUBKIND, payload, now)
-            touched = True
         self._sync_kernel_owned(now)
         self._maybe_ready(now)
-        tr = self.transport
-        # A heartbeat received (delivered by the transport's pump) usually changes nothing
-        # to send: that pump re-arms the endpoint's timer when this returns.
-        if tr is not None and (touched or not tr.delivering):
-            tr.pump()
+        if self.transport is not None:
+            # from inside the transport's own delivery (a heartbeat received) this only asks
+            # that pump for another round; it re-arms the endpoint's timer once
+            self.transport.pump()
         # the lease refresh needs waking too: at most one heartbeat after now
         when = max(min(self.ms.get_timer(), now + self.ms.timing.heartbeat), now)
         if self._ms_timer is not None:

@@ -150,9 +150,8 @@ class ReplicationTransport(asyncio.DatagramProtocol):
         self.send_errors = 0
         self.timer_fires = 0
         self.early_fires = 0
-        self.delivering = 0
-        """Non-zero while :meth:`pump` delivers events: a handler that queued nothing new in
-        the endpoint need not pump again (this pump re-arms the timer when it returns)."""
+        self._delivering = False  # pump() is delivering events: a nested pump() only asks
+        self._pump_again = False  # the running one for another round (no nested re-arming)
         self.closed = loop.create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -179,20 +178,30 @@ class ReplicationTransport(asyncio.DatagramProtocol):
         return self._loop.time()
 
     def pump(self) -> None:
-        """Send what the endpoint produced, deliver its events, re-arm its timer."""
+        """Send what the endpoint produced, deliver its events, re-arm its timer. Called from
+        an event handler (a heartbeat received makes the node answer), it only asks the
+        running pump for one more round: what the handler queued is sent when the handler
+        returns, within the same callback, and the timer is re-armed once."""
+        if self._delivering:
+            self._pump_again = True
+            return
         ep = self.endpoint
         tr = self._transport
-        if tr is not None:
-            for data in ep.datagrams_to_send():
-                for dest in self.destinations:
-                    tr.sendto(data, dest)
-                    self.datagrams_out += 1
-        self.delivering += 1
+        self._delivering = True
         try:
-            while (event := ep.next_event()) is not None:
-                self._on_event(event)
+            again = True
+            while again:
+                self._pump_again = False
+                if tr is not None:
+                    for data in ep.datagrams_to_send():
+                        for dest in self.destinations:
+                            tr.sendto(data, dest)
+                            self.datagrams_out += 1
+                while (event := ep.next_event()) is not None:
+                    self._on_event(event)
+                again = self._pump_again
         finally:
-            self.delivering -= 1
+            self._delivering = False
         self._arm(ep.get_timer())
 
     def _arm(self, when: float | None) -> None:
