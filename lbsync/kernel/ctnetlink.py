@@ -28,7 +28,6 @@ Rules:
 
 from __future__ import annotations
 
-import os
 import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from typing import Any, NamedTuple
 
 import msgpack
 
+from lbsync.accel import CTFAST
 from lbsync.kernel.flowrecord import (
     AF_INET,
     AF_INET6,
@@ -234,12 +234,7 @@ class CtEvent(NamedTuple):
 
 _new_tuple = tuple.__new__
 
-_ctfast: Any = None
-if os.environ.get("LBSYNC_NO_ACCEL", "") in ("", "0"):
-    try:
-        from lbsync import _ctfast
-    except ImportError:  # not built (pure-Python install): the Python codec does everything
-        _ctfast = None
+_ctfast: Any = CTFAST  # None: the Python codec does everything
 if _ctfast is not None:
     _ctfast.set_event_type(CtEvent)
 #: "c" when the C accelerator decodes and encodes the hot paths, else "python"

@@ -27,12 +27,13 @@ Rules:
 from __future__ import annotations
 
 import hashlib
-import os
 import struct
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 from types import MappingProxyType
+
+from lbsync.accel import CTFAST
 
 _U64 = (1 << 64) - 1
 # a bucket's notes beyond _NOTES_SLACK + half its size: recompute it from scratch
@@ -95,20 +96,13 @@ def _py_delta(kind: int, changed: Mapping[bytes, bytes | None],
     return total
 
 
-# The C accelerator (lbsync/_ctfast.c, docs/kernel.md) computes the same sums with its own
-# BLAKE2b (RFC 7693): one call per bucket instead of ~0.7 us of interpreter per entry hash,
+# The C accelerator (lbsync/_ctfast.c, docs/kernel.md) computes the same sums (BLAKE2b from
+# libb2): one call per bucket instead of ~0.7 us of interpreter per entry hash,
 # a digest callback's hashing was most of the 20k/s p99 lag. None: Python does it.
-_c_table_sum: Callable[[int, Mapping[bytes, bytes]], int | None] | None = None
+_c_table_sum: Callable[[int, Mapping[bytes, bytes]], int | None] | None = (
+    None if CTFAST is None else CTFAST.digest_sum)
 _c_delta: Callable[[int, Mapping[bytes, bytes | None], Mapping[bytes, bytes]],
-                   int | None] | None = None
-if os.environ.get("LBSYNC_NO_ACCEL", "") in ("", "0"):
-    try:
-        from lbsync import _ctfast
-    except ImportError:  # not built
-        pass
-    else:
-        _c_table_sum = getattr(_ctfast, "digest_sum", None)
-        _c_delta = getattr(_ctfast, "digest_delta", None)
+                   int | None] | None = None if CTFAST is None else CTFAST.digest_delta
 
 
 def _table_sum(kind: int, table: dict[bytes, bytes]) -> int:

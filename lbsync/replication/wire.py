@@ -30,7 +30,6 @@ Rules:
 
 from __future__ import annotations
 
-import os
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from typing import ClassVar
 
 import msgpack
 
+from lbsync.accel import CTFAST
 from lbsync.replication.fec import BLOCK as PARITY_BLOCK
 from lbsync.replication.fec import MAX_ROWS as PARITY_ROWS
 
@@ -364,15 +364,9 @@ def encode_body(parts: Sequence[bytes]) -> bytes:
 # ~5x faster (a frozen dataclass's __init__ was most of a record's decode); it declines
 # (None) anything else, and anything this module would reject, so errors stay Python's.
 _c_decode_data: Callable[[bytes, int, int, int], list[Message] | None] | None = None
-if os.environ.get("LBSYNC_NO_ACCEL", "") in ("", "0"):
-    try:
-        from lbsync import _ctfast
-    except ImportError:  # not built: the Python decoder does everything
-        pass
-    else:
-        if hasattr(_ctfast, "decode_data"):
-            _ctfast.set_message_types(FlowUpdate, FlowDelete)
-            _c_decode_data = _ctfast.decode_data
+if CTFAST is not None:
+    CTFAST.set_message_types(FlowUpdate, FlowDelete)
+    _c_decode_data = CTFAST.decode_data
 
 
 def parse_header(data: bytes) -> Header:
