@@ -59,7 +59,7 @@ def test_standby_copies_equal_owners_then_follow_destroys(lab: Lab) -> None:
         time.sleep(2.0)
         # (on a loaded host the first look may come before the daemons catch up: the outcome
         # is asserted with a deadline, the time it took goes to the benchmark)
-        first = dc.wait_equal(lab, timeout=20, ignore_status=IPS_ASSURED)
+        first = dc.wait_equal(lab, timeout=20, entries=4000, ignore_status=IPS_ASSURED)
         assert first.ok(), "\n".join(first.problems)
         assert first.owner_entries == 4000, first.owner_entries
         late = dc.persistent_timeouts(lab, first, ignore_status=IPS_ASSURED)
