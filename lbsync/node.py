@@ -102,6 +102,10 @@ DIGEST_WORK = 2000  # entries a digest callback hashes at most beyond its first 
 # has no event mask left), and a store entry outliving its kernel entry would be resurrected
 # by a takeover and agree in every digest forever.
 SWEEP_INTERVAL = 5.0
+# ... or less often: a sweep dumps the whole conntrack table (the kernel serialises every entry,
+# owned or not: ~3 us each), so the next one waits until the last one's busy time is at most
+# this share of the time between them (1M entries: ~3 s busy, a sweep every ~150 s).
+SWEEP_CPU_SHARE = 0.02
 LEAVE_GRACE = 10.0
 # At real-time priority (daemon.sched_policy rr/fifo) a busy loop yields its CPU to tasks of
 # the same priority this often (see Node._cpu_yield).
@@ -257,6 +261,7 @@ class Node:
         self.c: Counter[str] = Counter()
         self.stopping = False
         self._digest_slice = 0
+        self._sweep_interval = SWEEP_INTERVAL
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -796,14 +801,21 @@ class Node:
                 self._spawn(self._sweep(), "sweep")
 
         # jittered: daemons started together must not sweep together (a shared host's CPUs)
-        self.loop.call_later(SWEEP_INTERVAL * random.uniform(0.8, 1.2), fire)
+        self._sweep_interval = sweep_interval(self.kernel.sweeper.last_busy)
+        self.loop.call_later(self._sweep_interval * random.uniform(0.8, 1.2), fire)
 
     async def _sweep(self) -> None:
         """Delete (and replicate the deletes of) owned store entries the kernel no longer
         holds. Entries whose record changed during the dump are left alone (an event
-        touched them), and an interrupted dump proves nothing."""
+        touched them), and an interrupted dump proves nothing. With no owned entry in the
+        store there is nothing to delete, and no dump (a node whose buckets carry no flows
+        would otherwise pay for serialising every standby copy of its kernel)."""
         try:
             if not self.owned or self.kernel.resyncing:
+                return
+            if not any(self.store.count(b) for b in self.owned):
+                self.kernel.sweeper.last_busy = 0.0
+                self.c["sweeps_skipped_empty"] += 1
                 return
             before: dict[int, dict[bytes, bytes]] = {}
             for b in list(self.owned):  # a copy per bucket: no 100k-entry copy in one go
@@ -902,6 +914,9 @@ class Node:
             "kernel_copies": sum(per_bucket_kernel),
             "pending_inject": len(self._to_inject),
             "pending_delete": len(self._to_delete),
+            "sweep": {"interval_s": round(self._sweep_interval, 1),
+                      "last_busy_ms": round(self.kernel.sweeper.last_busy * 1e3, 1),
+                      "dumps": self.kernel.sweeper.dumps},
             "counters": dict(self.c),
             "membership": _plain(ms),
             "replication": _plain(self.ep.statistics()),
@@ -929,6 +944,13 @@ class Node:
 
         return {"store": store, "store-corrupt": corrupt, "store-records": records,
                 **Ops(self).handlers()}
+
+
+def sweep_interval(last_busy: float) -> float:
+    """Seconds until the next owner sweep (before jitter): ``SWEEP_INTERVAL``, or longer so
+    that a sweep keeping the loop busy ``last_busy`` seconds uses at most ``SWEEP_CPU_SHARE``
+    of the time."""
+    return max(SWEEP_INTERVAL, last_busy / SWEEP_CPU_SHARE)
 
 
 _NCPU = os.cpu_count() or 1

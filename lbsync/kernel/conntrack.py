@@ -203,6 +203,9 @@ class KeyDumper:
         self._view = memoryview(self._buf)
         self._lock = asyncio.Lock()
         self.dumps = 0
+        self.last_busy = 0.0
+        """Seconds the last dump kept the loop busy (its ``recv`` calls, in which the kernel
+        builds the dump, and their decoding), pauses not counted."""
 
     def close(self) -> None:
         self._sock.close()
@@ -223,29 +226,36 @@ class KeyDumper:
         CPU, and the GIL, for whole 100 ms round-robin slices, and a 100k-entry sweep stalled
         every daemon on the host.)"""
         async with self._lock:
-            self.dumps += 1
             self._sock.send(encode_dump_request(1))
             keys: set[bytes] = set()
             interrupted = False
             done = False
             rest = (1.0 - self._duty) / self._duty
-            while not done:
-                t0 = time.perf_counter()
-                n = self._sock.recv_into(self._buf)
-                try:
-                    done, intr = keys_of_dump(self._view[:n].tobytes(), marks, keys)
-                except KernelError:
-                    return keys, True  # refused: the error ended the dump
-                except CodecError:
-                    # an undecodable part proves nothing; a fresh socket drops the rest (rare)
-                    self._sock.close()
-                    self._sock = open_netfilter_socket(rcvbuf=self._rcvbuf)
-                    self._sock.settimeout(30.0)
-                    return keys, True
-                interrupted = interrupted or intr
-                if not done:
-                    await asyncio.sleep((time.perf_counter() - t0) * rest)
-            return keys, interrupted
+            busy = 0.0
+            try:
+                while not done:
+                    t0 = time.perf_counter()
+                    n = self._sock.recv_into(self._buf)
+                    try:
+                        done, intr = keys_of_dump(self._view[:n].tobytes(), marks, keys)
+                    except KernelError:
+                        return keys, True  # refused: the error ended the dump
+                    except CodecError:
+                        # an undecodable part proves nothing; a fresh socket drops the rest
+                        self._sock.close()
+                        self._sock = open_netfilter_socket(rcvbuf=self._rcvbuf)
+                        self._sock.settimeout(30.0)
+                        return keys, True
+                    finally:
+                        busy += time.perf_counter() - t0
+                    interrupted = interrupted or intr
+                    if not done:
+                        await asyncio.sleep((time.perf_counter() - t0) * rest)
+                return keys, interrupted
+            finally:
+                # counted once ended: the status shows the last ended dump's busy time
+                self.dumps += 1
+                self.last_busy = busy
 
 
 # -- statistics --------------------------------------------------------------------------------

@@ -469,6 +469,17 @@ def memory_step(lab: Any, sys_: System, n: int, sample_every: int) -> dict[str, 
     time.sleep(1.0)
     after = rss_bytes(pid)
     kernel_copies = daemons.status(lab, peer, timeout=30)["kernel_copies"]
+    # the owner's next sweep over a table of n owned entries and n copies on the peer: how long
+    # its dump kept the loop busy, and the interval that keeps it within SWEEP_CPU_SHARE
+    dumps0 = daemons.status(lab, sys_.owner, timeout=30)["sweep"]["dumps"]
+    deadline = time.monotonic() + 20
+    sweep: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        sweep = daemons.status(lab, sys_.owner, timeout=30)["sweep"]
+        if sweep["dumps"] > dumps0 and sweep["last_busy_ms"] > 0:
+            break
+        time.sleep(0.5)
+    peer_sweep = daemons.status(lab, peer, timeout=30)["sweep"]
     run_generator(lab, sys_.owner, rate=50000.0, duration=n / 50000.0, base=9_000_000,
                   marks=sys_.marks, sample_every=sample_every, delete=True)
     deadline = time.monotonic() + 60  # the deletes applied before anything else is measured
@@ -476,7 +487,8 @@ def memory_step(lab: Any, sys_: System, n: int, sample_every: int) -> dict[str, 
         time.sleep(0.2)
     time.sleep(1.0)
     return {"entries": held, "kernel_copies": kernel_copies, "rss_before": before,
-            "rss_after": after, "bytes_per_entry": round((after - before) / max(1, held), 1)}
+            "rss_after": after, "bytes_per_entry": round((after - before) / max(1, held), 1),
+            "owner_sweep": sweep, "peer_sweep": peer_sweep}
 
 
 def _owner_plus_receiver(r: dict[str, Any], key: str = "cpu_us_per_flow") -> float:

@@ -43,6 +43,22 @@ counter = dc.counter
 
 
 # --------------------------------------------------------------------------------------------
+# the owner sweep: no table dump on a node whose owned buckets hold no flow
+
+
+def test_idle_farm_sweeps_without_dumping_its_table(lab: Lab) -> None:
+    # The first sweep fires SWEEP_INTERVAL (jittered +-20 %) after each daemon's start; with
+    # no flow in any owned bucket it has nothing to delete and must not dump the kernel table
+    # (whose standby copies a busy farm's every sweep would otherwise serialise).
+    daemons.wait_for(lambda: all(counter(st, "sweeps_skipped_empty") >= 1
+                                 for st in statuses(lab).values()),
+                     3 * SWEEP_INTERVAL, what="every node's first sweep")
+    for i, st in statuses(lab).items():
+        assert st["sweep"]["dumps"] == 0, (i, st["sweep"])
+        assert st["sweep"]["interval_s"] == SWEEP_INTERVAL, (i, st["sweep"])
+
+
+# --------------------------------------------------------------------------------------------
 # 1 + 3: 2000 TCP + 2000 UDP, all NAT cases; standby copies equal; DESTROY follows; filter
 
 
@@ -105,7 +121,10 @@ def test_standby_copies_equal_owners_then_follow_destroys(lab: Lab) -> None:
                               f"DESTROY by > 2 s (upper bounds; poll rounds "
                               f"{max(d.round_s):.2f} s max): {slow[-5:]}")
     # 3: owners' event readers got (almost) only their own buckets' events.
+    after = statuses(lab)
     for i in lab.node_ids:
+        # every node owned flows for far longer than a sweep interval: its sweeps dumped
+        assert after[i]["sweep"]["dumps"] > before[i]["sweep"]["dumps"], (i, after[i]["sweep"])
         ev0, ev1 = before[i]["kernel"]["events"], mid[i]["kernel"]["events"]
         delivered = ev1["delivered"] - ev0["delivered"]
         filtered = ev1["filtered"] - ev0["filtered"]

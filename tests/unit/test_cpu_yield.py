@@ -1,16 +1,19 @@
 """The daemon's CPU-yield decision (issue 7): a busy loop yields, and sleeps a little only
 after being busy for a while (bulk work) on an overcommitted host; /proc/loadavg's running
-count against the CPU count decides that."""
+count against the CPU count decides that. Also the owner sweep's CPU budget (its interval)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from lbsync.node import (
+    SWEEP_CPU_SHARE,
+    SWEEP_INTERVAL,
     YIELD_BUSY_CHECK,
     YIELD_OVERCOMMIT_AFTER,
     YIELD_OVERCOMMIT_SLEEP,
     _host_overcommitted,
+    sweep_interval,
     yield_plan,
 )
 
@@ -63,3 +66,11 @@ def test_unreadable_or_garbled_loadavg_is_not_overcommitted(tmp_path: Path) -> N
     for text in ("", "1 2 3", "1 2 3 x/y 4", "\x00\x01"):
         f.write_text(text)
         assert not _host_overcommitted(str(f), ncpu=1), text
+
+
+def test_sweep_interval_keeps_the_dump_within_its_cpu_share() -> None:
+    assert sweep_interval(0.0) == SWEEP_INTERVAL
+    assert sweep_interval(SWEEP_INTERVAL * SWEEP_CPU_SHARE) == SWEEP_INTERVAL
+    for busy in (0.2, 1.0, 3.0):  # ~70k, 330k, 1M entries at ~3 us each
+        gap = sweep_interval(busy)
+        assert gap > SWEEP_INTERVAL and busy / gap <= SWEEP_CPU_SHARE + 1e-12
