@@ -20,7 +20,10 @@ Method (docs/benchmarks.md, section replication, says what each figure means):
   the peer's kernel. Lag = that minus the wall time just before the generator's ``send`` of
   the batch that created the entry on the owner (an upper bound); per entry the maximum over
   peers. The listener threads run at SCHED_RR 70 too, so they time copies when they appear,
-  not when the daemons leave them a CPU. lbsync writes its store before it injects the
+  not when the daemons leave them a CPU. A listener in the owner's namespace splits the lag:
+  generator -> owner kernel (the generator and the kernel, alike for both systems) and owner
+  kernel -> every peer's kernel (the daemons' part, ``lag_owner_to_peers_*``, and its ratio
+  ``p99_ratio_owner_to_peers``). lbsync writes its store before it injects the
   kernel copy, so "in every peer's kernel" implies "in its store"; the step also waits until
   every peer's ``store_entries`` and ``kernel_copies`` hold the step's entries.
 - **Sustained**: achieved >= 95 % of offered, every sample arrived at every peer, p99 <= 100 ms.
@@ -318,7 +321,9 @@ def step(sys_: System, rate: float, duration: float, base: int, sample_every: in
 
     lab = sys_.lab
     baseline = {p: sys_.peer_count(p) for p in sys_.peers}
-    listener = NewEventListener(lab, sys_.peers)
+    # the owner's kernel too: the lag splits into generator -> owner kernel (the kernel and
+    # the generator; both systems alike) and owner kernel -> every peer (the daemons)
+    listener = NewEventListener(lab, [sys_.owner, *sys_.peers])
     _wait_listening(sys_, listener)
     cpu0 = {n: cpu_seconds(pid) for n, pid in sys_.pids.items()}
     wall0 = time.monotonic()
@@ -339,13 +344,20 @@ def step(sys_: System, rate: float, duration: float, base: int, sample_every: in
     seen = {p: {k: v for k, v in got.items() if k != PROBE_PORT}
             for p, got in listener.seen.items()}
     lags = []
+    to_owner: list[float] = []
+    owner_to_peers: list[float] = []
     missing = 0
     for sport, t_sent in gen["samples"].items():
         per_peer = [seen[p].get(int(sport)) for p in sys_.peers]
         if any(t is None for t in per_peer):
             missing += 1
             continue
-        lags.append(max(t for t in per_peer if t is not None) - t_sent)
+        last = max(t for t in per_peer if t is not None)
+        lags.append(last - t_sent)
+        t_owner = seen[sys_.owner].get(int(sport))
+        if t_owner is not None:
+            to_owner.append(t_owner - t_sent)
+            owner_to_peers.append(last - t_owner)
     # clean up: delete on the owner (replicated deletes), wait for every peer's baseline
     run_generator(lab, sys_.owner, rate=max(rate, 20000.0), duration=n / max(rate, 20000.0),
                   base=base, marks=sys_.marks, sample_every=sample_every, delete=True)
@@ -360,6 +372,10 @@ def step(sys_: System, rate: float, duration: float, base: int, sample_every: in
         "samples": len(gen["samples"]), "samples_missing": missing, "complete": complete,
         "lag_p50_ms": round(pct(lags, 0.5) * 1e3, 2), "lag_p99_ms": round(p99 * 1e3, 2),
         "lag_max_ms": round(max(lags) * 1e3, 2) if lags else None,
+        "lag_to_owner_p50_ms": round(pct(to_owner, 0.5) * 1e3, 2),
+        "lag_to_owner_p99_ms": round(pct(to_owner, 0.99) * 1e3, 2),
+        "lag_owner_to_peers_p50_ms": round(pct(owner_to_peers, 0.5) * 1e3, 2),
+        "lag_owner_to_peers_p99_ms": round(pct(owner_to_peers, 0.99) * 1e3, 2),
         "generator_policy": gen.get("policy"), "listener_policy": listener.policy,
         "cpu_window_s": round(wall, 3),
         # minus each daemon's idle rate over the same window (see idle_cpu)
@@ -439,6 +455,8 @@ def ladder(sys_: System, rates: list[float], duration: float, sample_every: int,
         r["idle_cpu_ms_per_s"] = {str(n): round(v * 1e3, 1) for n, v in idle.items()}
         print(f"  {sys_.name:12s} offered {rate:>7.0f}/s achieved {r['achieved']:>7}/s "
               f"p50 {r['lag_p50_ms']:>8} ms p99 {r['lag_p99_ms']:>8} ms "
+              f"(owner -> peers {r['lag_owner_to_peers_p50_ms']} / "
+              f"{r['lag_owner_to_peers_p99_ms']}) "
               f"missing {r['samples_missing']}/{r['samples']} cpu us/flow "
               f"{r['cpu_us_per_flow']} marginal {r['cpu_us_per_flow_marginal']} "
               f"{'SUSTAINED' if r['sustained'] else 'not sustained'}", flush=True)
@@ -561,13 +579,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                            "cpu_ratio_marginal": round(mar_a / mar_b, 2) if mar_b else None,
                            "cpu_ratio": round(cpu_a / cpu_b, 2) if cpu_b else None,
                            "p99_ratio": round(a["lag_p99_ms"] / b["lag_p99_ms"], 2)
-                           if b["lag_p99_ms"] else None})
+                           if b["lag_p99_ms"] else None,
+                           # the daemons' part alone (owner kernel -> every peer's kernel)
+                           "p99_ratio_owner_to_peers":
+                           round(a["lag_owner_to_peers_p99_ms"]
+                                 / b["lag_owner_to_peers_p99_ms"], 2)
+                           if b["lag_owner_to_peers_p99_ms"] else None})
         out["ratios_lbsync_over_conntrackd"] = ratios
         out["ratio_basis"] = "lbsync2" if "lbsync2" in out else "lbsync3"
         for r in ratios:
             print(f"  ratio at {r['offered']:.0f}/s: CPU (owner+receiver) {r['cpu_ratio']} "
                   f"(marginal {r['cpu_ratio_marginal']}), "
-                  f"p99 lag {r['p99_ratio']}", flush=True)
+                  f"p99 lag {r['p99_ratio']} (owner -> peers "
+                  f"{r['p99_ratio_owner_to_peers']})", flush=True)
     finally:
         for lab in labs:
             with contextlib.suppress(Exception):
