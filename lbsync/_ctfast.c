@@ -1417,6 +1417,16 @@ static int entry_args(PyObject *key, PyObject *rec)
     return PyBytes_CheckExact(key) && PyBytes_CheckExact(rec) && PyBytes_GET_SIZE(key) < 65536;
 }
 
+/* The kind argument of the digest functions: 0..255; -1: out of range (the caller declines);
+ * -2: not an int (exception set). */
+static int entry_kind(PyObject *arg)
+{
+    long kind = PyLong_AsLong(arg);
+    if (kind == -1 && PyErr_Occurred())
+        return -2;
+    return kind < 0 || kind > 255 ? -1 : (int)kind;
+}
+
 #define ENTRY_HASH(kind, key, rec)                                                       \
     entry_hash64((kind), (const uint8_t *)PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key), \
                  (const uint8_t *)PyBytes_AS_STRING(rec), PyBytes_GET_SIZE(rec))
@@ -1428,10 +1438,10 @@ static PyObject *py_entry_hash(PyObject *self, PyObject *const *args, Py_ssize_t
         PyErr_SetString(PyExc_TypeError, "entry_hash(kind, key, record)");
         return NULL;
     }
-    long kind = PyLong_AsLong(args[0]);
-    if (kind == -1 && PyErr_Occurred())
+    int kind = entry_kind(args[0]);
+    if (kind == -2)
         return NULL;
-    if (kind < 0 || kind > 255 || !entry_args(args[1], args[2]))
+    if (kind < 0 || !entry_args(args[1], args[2]))
         Py_RETURN_NONE;
     return PyLong_FromUnsignedLongLong(ENTRY_HASH((uint8_t)kind, args[1], args[2]));
 }
@@ -1444,10 +1454,10 @@ static PyObject *py_digest_sum(PyObject *self, PyObject *const *args, Py_ssize_t
         PyErr_SetString(PyExc_TypeError, "digest_sum(kind, table: dict)");
         return NULL;
     }
-    long kind = PyLong_AsLong(args[0]);
-    if (kind == -1 && PyErr_Occurred())
+    int kind = entry_kind(args[0]);
+    if (kind == -2)
         return NULL;
-    if (kind < 0 || kind > 255)
+    if (kind < 0)
         Py_RETURN_NONE;
     uint64_t total = 0;
     Py_ssize_t pos = 0;
@@ -1469,10 +1479,10 @@ static PyObject *py_digest_delta(PyObject *self, PyObject *const *args, Py_ssize
         PyErr_SetString(PyExc_TypeError, "digest_delta(kind, changed: dict, table: dict)");
         return NULL;
     }
-    long kind = PyLong_AsLong(args[0]);
-    if (kind == -1 && PyErr_Occurred())
+    int kind = entry_kind(args[0]);
+    if (kind == -2)
         return NULL;
-    if (kind < 0 || kind > 255)
+    if (kind < 0)
         Py_RETURN_NONE;
     uint64_t total = 0;
     Py_ssize_t pos = 0;

@@ -699,24 +699,23 @@ def test_nack_from_a_receiver_a_window_behind_the_history_skips_it_to_the_presen
     """Older than the history and more than a reorder window behind: one ``Gone`` up to the
     sender's position, with the buckets of all of it; within a window: only the range named."""
     params = ProtocolParams(buckets=8, history_datagrams=3, reorder_datagrams=4)
-    a = ep(1, params)
-    for bucket in range(8):
-        a.claim(bucket, 1, 0.0, announce=False)
-    for bucket in range(8):
-        a.update_flow(bucket, b"k", b"v", 0.0)
-        a.flush(0.0)
-    a.datagrams_to_send()  # seqs 1..8, one bucket each; the history holds 6..8
+
+    def sent_eight() -> ReplicationEndpoint:
+        e = ep(1, params)
+        for bucket in range(8):
+            e.claim(bucket, 1, 0.0, announce=False)
+        for bucket in range(8):
+            e.update_flow(bucket, b"k", b"v", 0.0)
+            e.flush(0.0)
+        e.datagrams_to_send()  # seqs 1..8, one bucket each; the history holds 6..8
+        return e
+
+    a = sent_eight()
     a.sender.on_nack(1, ((5, 1),), 0.0)  # next seq 9 - 5 <= 4: the range named
     a.sender.flush_control(0.0)
     gone = [m for m in control_messages(a.datagrams_to_send()) if isinstance(m, Gone)]
     assert gone == [Gone(((5, 1),), (4,))]
-    a2 = ep(1, params)
-    for bucket in range(8):
-        a2.claim(bucket, 1, 0.0, announce=False)
-    for bucket in range(8):
-        a2.update_flow(bucket, b"k", b"v", 0.0)
-        a2.flush(0.0)
-    a2.datagrams_to_send()
+    a2 = sent_eight()
     a2.sender.on_nack(1, ((2, 2),), 0.0)  # 9 - 2 > 4: everything up to seq 8
     a2.sender.flush_control(0.0)
     gone = [m for m in control_messages(a2.datagrams_to_send()) if isinstance(m, Gone)]
