@@ -185,11 +185,13 @@ def test_repair_overhead_at_20_percent_three_nodes() -> None:
 @pytest.mark.parametrize("receivers", [2, 4, 8, 16])
 def test_nack_datagrams_per_gap_at_5_percent(receivers: int, mode: str) -> None:
     """Suppression (no NACK storm): per datagram missed by at least one receiver, the NACK
-    datagrams that named it over all repair rounds: mean <= 1.5, 99th percentile <= 3."""
+    datagrams that named it over all repair rounds: mean <= 1.5, maximum <= 3 (issue 5's
+    bound holds at every loss level, not only at 20 %)."""
     r = run_stream(seed=receivers, params=P, receivers=receivers, loss=0.05,
                    mode=mode, records=4000)  # type: ignore[arg-type]
     assert r.converged and r.gaps > 20
-    assert r.nack_mean <= 1.5 and r.nack_p99 <= 3, (r.nack_mean, r.nack_p99, r.nack_max)
+    assert r.nack_fallbacks == 0
+    assert r.nack_mean <= 1.5 and r.nack_max <= 3, (r.nack_mean, r.nack_p99, r.nack_max)
 
 
 def _repair_figures(receivers: int, mode: str, seeds: range) -> None:
