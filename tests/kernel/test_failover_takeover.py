@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -37,6 +38,7 @@ from lbsync.lab import daemons
 from lbsync.lab.farm import Lab, LabError
 from lbsync.lab.traffic import TrafficRun
 from lbsync.node import target_map
+from tests.kernel.daemon_checks import kernel_table
 
 pytestmark = pytest.mark.kernel
 
@@ -70,9 +72,9 @@ def configure(lab: Lab, **membership: Any) -> None:
 
 @contextlib.contextmanager
 def daemon_lab(make: Callable[..., Lab], nodes: int = 3, *, buckets: int = BUCKETS,
-               **membership: Any) -> Iterator[Lab]:
+               ipv6: bool = False, **membership: Any) -> Iterator[Lab]:
     """A lab with a running daemon on every node, ready; torn down (and its files) on exit."""
-    lab = make(nodes, buckets=buckets)
+    lab = make(nodes, buckets=buckets, ipv6=ipv6)
     try:
         configure(lab, **membership)
         daemons.start_daemons(lab)
@@ -272,9 +274,10 @@ def replies_after(rep: dict[str, Any], before: dict[str, Any], instant: float
             or f["replies"] <= prev.get(f["id"], 0)]
 
 
-def start_traffic(lab: Lab, tcp: int, udp: int, rate: float = 5.0) -> TrafficRun:
+def start_traffic(lab: Lab, tcp: int, udp: int, rate: float = 5.0,
+                  families: str = "4") -> TrafficRun:
     run = TrafficRun.start(lab, tcp=tcp, udp=udp, rate=rate, mode="mixed", lookup=False,
-                           drain=2.0)
+                           drain=2.0, families=families)
     ready = run.wait_ready(timeout=60)
     if ready["connected"] != tcp + udp:
         run.kill()
@@ -285,27 +288,42 @@ def start_traffic(lab: Lab, tcp: int, udp: int, rate: float = 5.0) -> TrafficRun
 # ---------------------------------------------------------------------------------- tests
 
 
+@pytest.mark.parametrize("families", ["4", "46"], ids=["ipv4", "dual_stack"])
 def test_killed_node_links_down_successors_take_over_flows_survive(
-        lab_factory: Callable[..., Lab]) -> None:
+        lab_factory: Callable[..., Lab], families: str) -> None:
+    """Dual stack: half the flows IPv6 (plain, SNAT66, DNAT66, egress SNAT66), replicated
+    and taken over like the IPv4 ones."""
     tcp, udp = flow_counts()
-    with daemon_lab(lab_factory) as lab:
+    with daemon_lab(lab_factory, ipv6=families != "4") as lab:
         om = initial_map(lab)
         assert owned_once_as(lab, lab.node_ids, om.owners)
         victim = 1
         after = om.successor_map(victim)
         inherited = om.buckets_of(victim)
-        with start_traffic(lab, tcp, udp) as run:
+        with start_traffic(lab, tcp, udp, families=families) as run:
             wait_stores(lab, lab.node_ids, tcp + udp)
             time.sleep(1.0)
             before = run.snapshot()
             assert before["alive"] == tcp + udp, before["states"]
+            v6 = sum(f["family"] == 6 for f in before["per_flow"])
+            assert (v6 > 0.4 * (tcp + udp)) if families == "46" else v6 == 0, v6
+            # the victim's own IPv6 entries (ct mark = bucket), NAT mappings included
+            mine6 = {k: r for k, r in kernel_table(lab, victim).items()
+                     if r.family == socket.AF_INET6 and r.mark in inherited}
+            assert (len(mine6) > 10) if families == "46" else not mine6, len(mine6)
             t0 = daemons.kill_daemon(lab, victim, links_down=True)
             survivors = [i for i in lab.node_ids if i != victim]
             daemons.wait_for(lambda: owned_once_as(lab, survivors, after.owners), DEADLINE,
                              what="the dead node's buckets owned once, by their successors")
             time.sleep(SETTLE)
             rep = run.stop()
+            tables = {i: kernel_table(lab, i) for i in survivors}
         check_survived(rep, flows=tcp + udp)
+        # each IPv6 entry is in its successor's kernel with the same tuples (same NAT)
+        moved = [(k, r) for k, r in mine6.items()
+                 if (got := tables[after.owners[r.mark]].get(k)) is None
+                 or (got.orig, got.reply) != (r.orig, r.reply)]
+        assert not moved, (len(moved), len(mine6))
         silent = replies_after(rep, before, t0 + 1.0)
         assert not silent, (len(silent), [brief(f) for f in silent[:4]])
         # the takeover records: each survivor claimed exactly its successor share
