@@ -215,7 +215,7 @@ class Node:
         self.store = BucketStore(self.B, max_entries=self.cfg.store.max_entries)
         self.ep = ReplicationEndpoint(node_id=node_id, incarnation=self.incarnation,
                                       keyring=self.keyring, params=self.params, now=now,
-                                      store=self.store)
+                                      store=self.store, nodes=self.cfg.node_ids)
         self.nft = NftSetSocket()
         resume = self._resume_ownership(now)
         self.ms = Membership(node_id=node_id, nodes=self.cfg.node_ids, buckets=self.B,

@@ -35,7 +35,8 @@ async def _run(args: argparse.Namespace) -> dict[str, object]:
     loop = asyncio.get_running_loop()
     ep = ReplicationEndpoint(node_id=args.node_id, incarnation=args.incarnation,
                              keyring=DRILL_KEYRING, params=params, now=loop.time(),
-                             rng=random.Random(args.node_id << 32 | args.incarnation))
+                             rng=random.Random(args.node_id << 32 | args.incarnation),
+                             nodes=nodes)
     owned = [b for b in range(args.buckets) if nodes[b % len(nodes)] == args.node_id]
     for b in owned:
         ep.claim(b, 1, loop.time())

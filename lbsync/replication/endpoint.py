@@ -64,7 +64,9 @@ class ReplicationEndpoint:
 
     def __init__(self, *, node_id: int, incarnation: int, keyring: KeyRing,
                  params: ProtocolParams, now: float, rng: random.Random | None = None,
-                 store: BucketStore | None = None) -> None:
+                 store: BucketStore | None = None, nodes: Iterable[int] = ()) -> None:
+        """``nodes``: the farm's configured node ids, if known (the receiver's choice of
+        designated NACKers uses them before it has heard every node)."""
         self.node_id = node_id
         self.incarnation = incarnation
         self.params = params
@@ -76,7 +78,7 @@ class ReplicationEndpoint:
         self.sender = Sender(node_id=node_id, incarnation=incarnation, keyring=keyring,
                              params=params, store=self.store, now=now)
         self.receiver = Receiver(node_id=node_id, params=params, store=self.store,
-                                 rng=self._rng, now=now)
+                                 rng=self._rng, now=now, nodes=nodes)
         # Our missing gaps ride on the CONTROL datagrams we send anyway.
         self.sender.piggyback = self.receiver.repair_state
         self._events: deque[Event] = deque()

@@ -207,9 +207,13 @@ class Receiver:
     """All peers' incoming streams for one node; control messages to send go to ``control``."""
 
     def __init__(self, *, node_id: int, params: ProtocolParams, store: BucketStore,
-                 rng: random.Random, now: float) -> None:
+                 rng: random.Random, now: float, nodes: Iterable[int] = ()) -> None:
         self.node_id = node_id
         self._p = params
+        # The farm's configured nodes: until ``silent_after`` into our life, one we have not
+        # heard yet still counts in the choice of a block's designated NACKers (below).
+        self._nodes = tuple(sorted(set(nodes) - {node_id}))
+        self._born = now
         self._store = store
         self._rng = rng
         self._limits = Limits(buckets=params.buckets, max_datagram=params.max_datagram,
@@ -676,7 +680,7 @@ class Receiver:
             gaps = [missing[s] for s in seqs]
             rounds = peer.explicit.get(first, 0)
             if rounds < p.nack_explicit and first not in peer.heard \
-                    and self._designated(peer, first):
+                    and self._designated(peer, first, now):
                 rounds += 1
                 peer.explicit[first] = rounds
                 last = rounds >= p.nack_explicit
@@ -714,12 +718,14 @@ class Receiver:
             self.nack_messages += 1
         self.nacked_seqs += len(named)
 
-    def _designated(self, peer: _Peer, first: int) -> bool:
+    def _designated(self, peer: _Peer, first: int, now: float) -> bool:
         """Whether this node is one of the ``nack_designated`` receivers of ``peer``'s stream
         allowed an explicit NACK for the block at ``first``: those with the lowest
-        :func:`_rank` among the nodes heard and not silent (every receiver computes the same
-        set once it has heard every other; a node it has not heard yet only makes it count
-        itself in too often). The others' requests ride on their heartbeats."""
+        :func:`_rank` among the nodes heard and not silent, and, during our first
+        ``silent_after``, the configured nodes not heard yet (at a stream's start a receiver
+        that has not heard every other node would otherwise count itself in too often: three
+        NACKs for one gap). Every receiver computes the same set once it has heard every
+        live node. The others' requests ride on their heartbeats."""
         k = self._p.nack_designated
         if k <= 0:
             return True
@@ -731,6 +737,13 @@ class Receiver:
                 lower += 1
                 if lower >= k:
                     return False
+        if self._nodes and now - self._born < self._p.silent_after:
+            for node in self._nodes:
+                if node != peer.node and node not in self._peers \
+                        and _rank(peer.node, first, node) < mine:
+                    lower += 1
+                    if lower >= k:
+                        return False
         return True
 
     def repair_state(self, now: float, room: int) -> list[bytes]:

@@ -172,6 +172,7 @@ class Simulation:
         self._timers: dict[int, float | None] = {}
         self._seen: set[tuple[int, int, int]] = set()
         self._limits = Limits(buckets=params.buckets, max_datagram=params.max_datagram)
+        self.node_ids = tuple(ids)
         for node in ids:
             self.incarnations[node] = 1
             self.endpoints[node] = self._new_endpoint(node, BucketStore(
@@ -198,7 +199,7 @@ class Simulation:
             node_id=node, incarnation=self.incarnations[node], keyring=self.keyring,
             params=self.params, now=self.now,
             rng=random.Random(self.seed * 1009 + node * 31 + self.incarnations[node]),
-            store=store)
+            store=store, nodes=self.node_ids)
         self._timers[node] = ep.get_timer()
         return ep
 

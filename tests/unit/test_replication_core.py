@@ -353,12 +353,12 @@ def test_overheard_nack_suppresses_our_own() -> None:
     assert second.store.snapshot(0) == a.store.snapshot(0)
 
 
-def _one_block(a: ReplicationEndpoint) -> list[bytes]:
+def _one_block(a: ReplicationEndpoint, now: float = 0.0) -> list[bytes]:
     """A whole repair block (16 datagrams) and one more from ``a``."""
-    a.claim(0, 1, 0.0, announce=False)
+    a.claim(0, 1, now, announce=False)
     for i in range(17):
-        a.update_flow(0, b"k%d" % i, b"x" * 100, 0.0)
-        a.flush(0.0)
+        a.update_flow(0, b"k%d" % i, b"x" * 100, now)
+        a.flush(now)
     return a.datagrams_to_send()
 
 
@@ -639,6 +639,30 @@ def test_resync_is_paced_and_never_delays_live_updates() -> None:
     assert done - 50 <= b.store.count(0) <= done  # the last few are in the open datagram
 
 
+def _nackers(receivers: list[ReplicationEndpoint], ds: list[bytes], t0: float = 0.0,
+             *, probes: bool = True) -> list[int]:
+    """The receivers that send a NACK datagram for the block ``ds`` (its seventh datagram
+    lost to all of them, no NACK heard from each other), over 0.1 s from ``t0``."""
+    nackers = []
+    for r in receivers:
+        for i, d in enumerate(ds):
+            if i != 6:
+                r.datagram_received(d, t0)
+        sent: list[object] = []
+        now = t0
+        while now < t0 + 0.1:
+            t = r.get_timer()
+            assert t is not None
+            now = t
+            r.handle_timer(now)
+            sent.extend(control_messages(r.datagrams_to_send()))
+        if [m for m in sent if isinstance(m, Nack)]:
+            nackers.append(r.node_id)
+        # on its tail probes (a receiver idle since long probes at T_max: none within 0.1 s)
+        assert not probes or [m for m in sent if isinstance(m, RepairState)]
+    return nackers
+
+
 def test_only_the_designated_receivers_nack_a_block() -> None:
     """Six receivers miss the same datagram and hear none of each other's NACKs: only
     ``nack_designated`` of them (the same ones on every node, by a per-block rank) send a NACK
@@ -652,24 +676,29 @@ def test_only_the_designated_receivers_nack_a_block() -> None:
                 other.send_membership(1, b"hb", 0.0)
                 for d in other.datagrams_to_send():
                     r.datagram_received(d, 0.0)
-    ds = _one_block(a)
-    nackers = []
-    for r in receivers:
-        for i, d in enumerate(ds):
-            if i != 6:
-                r.datagram_received(d, 0.0)
-        sent: list[object] = []
-        now = 0.0
-        while now < 0.1:
-            t = r.get_timer()
-            assert t is not None
-            now = t
-            r.handle_timer(now)
-            sent.extend(control_messages(r.datagrams_to_send()))
-        if [m for m in sent if isinstance(m, Nack)]:
-            nackers.append(r.node_id)
-        assert [m for m in sent if isinstance(m, RepairState)]  # on its tail probes
-    assert len(nackers) == P.nack_designated, nackers
+    assert len(_nackers(receivers, _one_block(a))) == P.nack_designated
+
+
+def _configured(node: int, nodes: Iterable[int]) -> ReplicationEndpoint:
+    return ReplicationEndpoint(node_id=node, incarnation=1, keyring=KR, params=P, now=0.0,
+                               rng=random.Random(node), nodes=nodes)
+
+
+def test_at_a_streams_start_the_configured_nodes_not_heard_yet_count_too() -> None:
+    """The same loss at the very start, before any receiver has heard another: with the
+    farm's node list, unheard nodes count in the rank, so still only ``nack_designated``
+    receivers NACK (without it each counted itself in: found in the sim, a gap named three
+    times 20 ms into a stream). After ``silent_after`` a node never heard no longer counts:
+    a farm with dead nodes is not left without NACKers."""
+    farm = range(1, 8)
+    assert len(_nackers([ep(n) for n in range(2, 8)], _one_block(ep(1)))) \
+        > P.nack_designated  # the case: nobody heard anybody
+    assert len(_nackers([_configured(n, farm) for n in range(2, 8)], _one_block(ep(1)))) \
+        == P.nack_designated
+    late = P.silent_after + 1.0
+    alone = _configured(2, farm)  # nodes 3..7 never heard, past the start-up window
+    owner = ep(1, now=late)
+    assert _nackers([alone], _one_block(owner, late), late, probes=False) == [2]
 
 
 def test_gone_is_counted_from_its_own_start_not_from_where_the_receiver_is() -> None:
