@@ -60,6 +60,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from lbsync.control import ControlError
 from lbsync.nft import NftError, run_nft
 
 log = logging.getLogger(__name__)
@@ -119,8 +120,10 @@ def drill_rules(outside: str, inside: str) -> str:
 Handler = Callable[[Mapping[str, Any]], Awaitable[Any]]
 
 
-class OpsError(Exception):
-    """A bad operator request (answered as a one-line control error)."""
+class OpsError(ControlError):
+    """A bad operator request, answered as a one-line control error (a ``ControlError``: the
+    control server and the peer relay answer it as the request's error, not as an internal
+    one with a traceback in the log)."""
 
 
 def reported_owners(node: Any) -> dict[int, list[int]]:

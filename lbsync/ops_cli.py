@@ -266,6 +266,10 @@ def _resync(args: argparse.Namespace) -> int:
         raise _usage("resync: --bucket must be >= 0")
     if args.wait < 0:
         raise _usage("resync: --wait must be >= 0")
+    if args.bucket is not None:
+        buckets = load_cluster(args.config).cluster.buckets
+        if args.bucket >= buckets:
+            raise _usage(f"resync: --bucket must be 0..{buckets - 1}, not {args.bucket}")
     cmd_args = {} if args.bucket is None else {"bucket": args.bucket}
     res = _query(args, "resync", cmd_args)
     done = res
@@ -338,7 +342,10 @@ def _farm(args: argparse.Namespace) -> tuple[Any, int]:
     local = load_node_id(cfg, args.node_id)
     node = getattr(args, "node", None)
     if node is not None and node not in cfg.node_ids:
-        raise _usage(f"{args.func.__name__.strip('_')}: node {node} is not in the cluster "
+        what = args.func.__name__.strip("_")
+        if what == "drain" and not args.drained:
+            what = "undrain"
+        raise _usage(f"{what}: node {node} is not in the cluster "
                      f"({', '.join(map(str, cfg.node_ids))})")
     if args.max_concurrent < 1:
         raise _usage("--max-concurrent must be >= 1")

@@ -172,5 +172,32 @@ def test_rebalance_and_weight_bounds_are_exit_2(tmp_path: Any,
     assert main(["weight", "1", "0", *cfg]) == 2
     assert main(["drain", "7", *cfg]) == 2
     assert main(["drill", "partition", "2", "--duration", "100", "--config", str(path)]) == 2
+    assert main(["undrain", "7", *cfg]) == 2
+    assert main(["resync", "--bucket", "64", *cfg]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 4 and all("error" in line for line in err)
+    assert len(err) == 6 and all("error" in line for line in err)
+    assert "drain: node 7" in err[2] and "undrain: node 7" in err[4], err
+    assert "--bucket must be 0..63, not 64" in err[5], err
+
+
+def test_a_bad_operator_request_is_the_requests_error_not_an_internal_one(
+        tmp_path: Any) -> None:
+    """An ``OpsError`` a handler raises (a bucket out of range asked of the daemon directly)
+    comes back as the request's one-line error, not as "internal error" with a traceback."""
+    from lbsync.control import ControlError, ControlServer, call
+
+    async def bad(args: Any) -> Any:
+        raise OpsError("bucket 99 out of range 0..63")
+
+    async def go() -> str:
+        server = ControlServer(tmp_path / "c.sock", {"resync": bad})
+        await server.start()
+        try:
+            await asyncio.to_thread(call, tmp_path / "c.sock", "resync", {})
+        except ControlError as exc:
+            return str(exc)
+        finally:
+            await server.close()
+        return "answered ok"
+
+    assert asyncio.run(go()) == "bucket 99 out of range 0..63"
