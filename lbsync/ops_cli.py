@@ -219,6 +219,9 @@ def _map(args: argparse.Namespace) -> int:
     import json
 
     if args.explain is not None:
+        buckets = load_cluster(args.config).cluster.buckets
+        if not 0 <= args.explain < buckets:
+            raise _usage(f"map: --explain must be a bucket 0..{buckets - 1}, not {args.explain}")
         res = _query(args, "map", {"explain": args.explain})
         if args.json:
             print(json.dumps(res, indent=2, sort_keys=True))

@@ -174,8 +174,10 @@ def test_rebalance_and_weight_bounds_are_exit_2(tmp_path: Any,
     assert main(["drill", "partition", "2", "--duration", "100", "--config", str(path)]) == 2
     assert main(["undrain", "7", *cfg]) == 2
     assert main(["resync", "--bucket", "64", *cfg]) == 2
+    assert main(["map", "--explain", "-1", *cfg]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 6 and all("error" in line for line in err)
+    assert len(err) == 7 and all("error" in line for line in err)
+    assert "--explain must be a bucket 0..63, not -1" in err[6], err
     assert "drain: node 7" in err[2] and "undrain: node 7" in err[4], err
     assert "--bucket must be 0..63, not 64" in err[5], err
 
