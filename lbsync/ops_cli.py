@@ -221,7 +221,7 @@ def _map(args: argparse.Namespace) -> int:
     if args.explain is not None:
         buckets = load_cluster(args.config).cluster.buckets
         if not 0 <= args.explain < buckets:
-            raise _usage(f"map: --explain must be a bucket 0..{buckets - 1}, not {args.explain}")
+            raise _usage(f"map: --explain {args.explain}: bucket out of range 0..{buckets - 1}")
         res = _query(args, "map", {"explain": args.explain})
         if args.json:
             print(json.dumps(res, indent=2, sort_keys=True))
@@ -272,7 +272,7 @@ def _resync(args: argparse.Namespace) -> int:
     if args.bucket is not None:
         buckets = load_cluster(args.config).cluster.buckets
         if args.bucket >= buckets:
-            raise _usage(f"resync: --bucket must be 0..{buckets - 1}, not {args.bucket}")
+            raise _usage(f"resync: --bucket {args.bucket}: bucket out of range 0..{buckets - 1}")
     cmd_args = {} if args.bucket is None else {"bucket": args.bucket}
     res = _query(args, "resync", cmd_args)
     done = res

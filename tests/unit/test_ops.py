@@ -177,9 +177,9 @@ def test_rebalance_and_weight_bounds_are_exit_2(tmp_path: Any,
     assert main(["map", "--explain", "-1", *cfg]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 7 and all("error" in line for line in err)
-    assert "--explain must be a bucket 0..63, not -1" in err[6], err
+    assert "--explain -1: bucket out of range 0..63" in err[6], err
     assert "drain: node 7" in err[2] and "undrain: node 7" in err[4], err
-    assert "--bucket must be 0..63, not 64" in err[5], err
+    assert "--bucket 64: bucket out of range 0..63" in err[5], err
 
 
 def test_a_bad_operator_request_is_the_requests_error_not_an_internal_one(
