@@ -215,13 +215,18 @@ def _query(args: argparse.Namespace, cmd: str, cmd_args: dict[str, Any] | None =
     return query(args, cmd, cmd_args)
 
 
+def _check_bucket(args: argparse.Namespace, what: str, bucket: int) -> None:
+    """A bucket an operator named, against the cluster file's bucket count (exit 2)."""
+    buckets = load_cluster(args.config).cluster.buckets
+    if not 0 <= bucket < buckets:
+        raise _usage(f"{what} {bucket}: bucket out of range 0..{buckets - 1}")
+
+
 def _map(args: argparse.Namespace) -> int:
     import json
 
     if args.explain is not None:
-        buckets = load_cluster(args.config).cluster.buckets
-        if not 0 <= args.explain < buckets:
-            raise _usage(f"map: --explain {args.explain}: bucket out of range 0..{buckets - 1}")
+        _check_bucket(args, "map: --explain", args.explain)
         res = _query(args, "map", {"explain": args.explain})
         if args.json:
             print(json.dumps(res, indent=2, sort_keys=True))
@@ -270,9 +275,7 @@ def _resync(args: argparse.Namespace) -> int:
     if args.wait < 0:
         raise _usage("resync: --wait must be >= 0")
     if args.bucket is not None:
-        buckets = load_cluster(args.config).cluster.buckets
-        if args.bucket >= buckets:
-            raise _usage(f"resync: --bucket {args.bucket}: bucket out of range 0..{buckets - 1}")
+        _check_bucket(args, "resync: --bucket", args.bucket)
     cmd_args = {} if args.bucket is None else {"bucket": args.bucket}
     res = _query(args, "resync", cmd_args)
     done = res
