@@ -42,9 +42,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from hashing.ownermap import ALGORITHM_VERSION, ZERO_HASH, Member, OwnerMap, View, assign
 from lbsync.lab import daemons
-from lbsync.lab.farm import Lab
+from lbsync.lab.farm import Lab, LabError
 from lbsync.lab.traffic import TrafficRun
 from lbsync.metrics import SERIES
+from tests.kernel.test_failover_takeover import brief
 
 pytestmark = pytest.mark.kernel
 
@@ -233,8 +234,15 @@ def assert_no_connection_lost(traffic: TrafficRun, before: dict[str, Any]) -> di
         return snap if snap["alive"] == snap["flows"] or snap["resets"] or snap["errors"] \
             else None
 
-    after: dict[str, Any] = daemons.wait_for(recovered, DEADLINE, interval=0.25,
-                                             what="every flow answering")
+    try:
+        after: dict[str, Any] = daemons.wait_for(recovered, DEADLINE, interval=0.25,
+                                                 what="every flow answering")
+    except LabError:
+        # which flows went quiet, and since when (the clock of the traffic run)
+        snap = traffic.snapshot()
+        quiet = [brief(f) for f in snap["per_flow"] if not f["alive"]]
+        raise AssertionError(f"{len(quiet)} of {snap['flows']} flows not answering after "
+                             f"{DEADLINE:.0f} s: {quiet[:6]}") from None
     assert after["resets"] == before["resets"] == 0
     assert after["alive"] == after["flows"]
     assert after["errors"] == 0 and after["nat_peer_changes"] == 0
