@@ -66,8 +66,13 @@ def test_bulk_work_yields_and_errors_are_matched(netns: NetnsSet) -> None:
         # heartbeats kept flowing during 30k creates and two dumps, in slices of 1024 entries
         # (the heartbeat runs every other slice; without slicing it would run about once per
         # call, and the longest gap would be the whole inject, about a third of the total).
-        # Bounds relative to the total: CI shares its 2 cores with other work.
-        assert len(gaps) >= 12 and max(gaps) < total / 6, (len(gaps), max(gaps), total)
+        # Bounds relative to the total: CI shares its 2 cores with other work. Measured
+        # (session 5): alone the longest gap is 0.08-0.11 of the total (a whole-table dump
+        # walk); right after `.ci/install` two local CI runs of five saw one of 0.17-0.18
+        # (65-70 ms of ~385), which the former total / 6 refused. Unsliced (slice_entries
+        # 10**6, measured) the heartbeat does not run once during the work: the gap count
+        # is what shows the slicing, the longest gap bounds a slice.
+        assert len(gaps) >= 12 and max(gaps) < total / 4, (len(gaps), max(gaps), total)
 
         # errors of a batch are reported against the entries that caused them
         mixed = [records[0], records[1], b"\x93\x01\x02\x03", records[2]]
