@@ -348,9 +348,8 @@ def _farm(args: argparse.Namespace) -> tuple[Any, int]:
     local = load_node_id(cfg, args.node_id)
     node = getattr(args, "node", None)
     if node is not None and node not in cfg.node_ids:
-        what = args.func.__name__.strip("_")
-        if what == "drain" and not args.drained:
-            what = "undrain"
+        what = " ".join(filter(None, (getattr(args, "command", None),
+                                      getattr(args, "drill", None))))
         raise _usage(f"{what}: node {node} is not in the cluster "
                      f"({', '.join(map(str, cfg.node_ids))})")
     if args.max_concurrent < 1:

@@ -212,7 +212,7 @@ class Receiver:
         self._p = params
         # The farm's configured nodes: until ``silent_after`` into our life, one we have not
         # heard yet still counts in the choice of a block's designated NACKers (below).
-        self._nodes = tuple(sorted(set(nodes) - {node_id}))
+        self._nodes = tuple(set(nodes) - {node_id})
         self._born = now
         self._store = store
         self._rng = rng
@@ -729,22 +729,13 @@ class Receiver:
         k = self._p.nack_designated
         if k <= 0:
             return True
+        candidates = [n for n, other in self._peers.items() if not other.silent]
+        if now - self._born < self._p.silent_after:
+            candidates += [n for n in self._nodes if n not in self._peers]
         mine = _rank(peer.node, first, self.node_id)
-        lower = 0
-        for node, other in self._peers.items():
-            if node != peer.node and not other.silent \
-                    and _rank(peer.node, first, node) < mine:
-                lower += 1
-                if lower >= k:
-                    return False
-        if self._nodes and now - self._born < self._p.silent_after:
-            for node in self._nodes:
-                if node != peer.node and node not in self._peers \
-                        and _rank(peer.node, first, node) < mine:
-                    lower += 1
-                    if lower >= k:
-                        return False
-        return True
+        lower = sum(1 for n in candidates
+                    if n != peer.node and _rank(peer.node, first, n) < mine)
+        return lower < k
 
     def repair_state(self, now: float, room: int) -> list[bytes]:
         """``RepairState`` messages (encoded, at most ``room`` bytes in all) for a CONTROL
